@@ -1,0 +1,187 @@
+"""Where settings come from, and the small parsers that validate them.
+
+Sources, lowest to highest: :data:`DEFAULTS`, ``instance/config.py``,
+``.env`` in the project folder, environment variables, and the mapping given
+to :func:`app.create_app`. Each service validates its own keys in its
+``init_app`` with the parsers below, so a bad value fails at start-up with an
+error that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from app.errors import ConfigError
+
+#: Every key the app knows, with its built-in default. ``None`` means "not set".
+#: Environment variables are read for exactly these keys; ``.env`` and
+#: ``instance/config.py`` may set others (for example the variable an
+#: ``api_key_env`` profile setting names).
+DEFAULTS: dict[str, Any] = {
+    "SECRET_KEY": None,
+    "DATABASE_URL": None,
+    "SQLALCHEMY_DATABASE_URI": None,
+    "DATABASE_CONNECT_TIMEOUT": 5.0,
+    "DATABASE_POOL_PRE_PING": True,
+    "REDIS_URL": None,
+    "REDIS_SOCKET_TIMEOUT": 1.0,
+    "REDIS_CONNECT_TIMEOUT": 1.0,
+    "REDIS_MAX_RETRIES": 1,
+    "REDIS_HEALTH_CHECK_INTERVAL": 30,
+    "OPENAI_API_KEY": None,
+    "OPENAI_BASE_URL": None,
+    "OPENAI_ORGANIZATION": None,
+    "OPENAI_PROJECT": None,
+    "OPENAI_TIMEOUT": 60.0,
+    "OPENAI_CONNECT_TIMEOUT": 5.0,
+    "OPENAI_MAX_RETRIES": 2,
+    "OPENAI_PROFILES": None,
+    "GEMINI_API_KEY": None,
+    "GOOGLE_API_KEY": None,
+    "GENAI_BASE_URL": None,
+    "GENAI_API_VERSION": None,
+    "GENAI_TIMEOUT": 60.0,
+    "GOOGLE_GENAI_USE_VERTEXAI": False,
+    "GOOGLE_CLOUD_PROJECT": None,
+    "GOOGLE_CLOUD_LOCATION": None,
+    "HEALTH_CHECK_TIMEOUT": 2.0,
+    "HEALTH_OPTIONAL_SERVICES": "",
+}
+
+#: Secret keys shorter than this, or on this list, are refused outside debug and testing.
+MIN_SECRET_KEY_LENGTH = 32
+WEAK_SECRET_KEYS = frozenset({"dev", "development", "secret", "changeme", "change-me", "test"})
+
+
+def load_config(app: Flask, overrides: Mapping[str, Any] | None, dotenv_path: Path) -> None:
+    """Fill ``app.config`` from every source, in order of precedence."""
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_pyfile("config.py", silent=True)
+    if dotenv_path.is_file():
+        # Imported only when there is a file to read: python-dotenv costs
+        # about a sixth of a bare Flask start-up.
+        from dotenv import dotenv_values
+
+        app.config.from_mapping(
+            {k: v for k, v in dotenv_values(dotenv_path).items() if k.isupper() and v is not None}
+        )
+    app.config.from_mapping({k: os.environ[k] for k in DEFAULTS if k in os.environ})
+    if overrides:
+        app.config.from_mapping(overrides)
+
+
+def check_secret_key(app: Flask) -> None:
+    """Refuse to run in production with a missing or guessable ``SECRET_KEY``."""
+    key = app.config.get("SECRET_KEY")
+    if app.debug or app.testing:
+        if not key:
+            # Sessions still need a key; an ephemeral one is right for dev and tests.
+            import secrets
+
+            app.config["SECRET_KEY"] = secrets.token_hex(32)
+        return
+    if not key:
+        raise ConfigError(
+            "SECRET_KEY must be set outside debug and testing"
+            " (`make run` writes one to instance/config.py; or set the SECRET_KEY variable)"
+        )
+    if not isinstance(key, str | bytes) or len(key) < MIN_SECRET_KEY_LENGTH or key in WEAK_SECRET_KEYS:
+        raise ConfigError(
+            f"SECRET_KEY must be a random string of at least {MIN_SECRET_KEY_LENGTH} characters,"
+            " got a weak one (generate one with: python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
+
+
+# --- parsers: each takes the config and a key, and names the key on error ----
+
+
+def _describe(value: object) -> str:
+    return repr(value) if not isinstance(value, str) or len(value) <= 60 else repr(value[:57] + "...")
+
+
+def get_str(config: Mapping[str, Any], key: str) -> str | None:
+    """A string setting; empty strings mean "not set"."""
+    value = config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {_describe(value)}")
+    return value.strip() or None
+
+
+def get_seconds(config: Mapping[str, Any], key: str) -> float:
+    """A positive, finite number of seconds (accepts ``"2.5"`` from the environment)."""
+    return parse_seconds(config.get(key), key)
+
+
+def parse_seconds(value: object, key: str) -> float:
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not (seconds > 0 and math.isfinite(seconds)):
+        raise ConfigError(f"{key} must be a positive number of seconds, got {_describe(value)}")
+    return seconds
+
+
+def get_count(config: Mapping[str, Any], key: str) -> int:
+    """A whole number, zero or more (retries, intervals)."""
+    return parse_count(config.get(key), key)
+
+
+def parse_count(value: object, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a whole number of 0 or more, got {_describe(value)}")
+    try:
+        count = int(value) if not isinstance(value, float) or value.is_integer() else -1  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0:
+        raise ConfigError(f"{key} must be a whole number of 0 or more, got {_describe(value)}")
+    return count
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def get_bool(config: Mapping[str, Any], key: str) -> bool:
+    value = config.get(key)
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
+
+
+def get_mapping(config: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A mapping, or a JSON object in a string (as environment variables carry it)."""
+    value = config.get(key)
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{key} must be a JSON object, got invalid JSON ({exc.msg} at char {exc.pos})"
+            ) from None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a mapping (a JSON object), got {type(value).__name__}")
+    return dict(value)
+
+
+def get_names(config: Mapping[str, Any], key: str) -> frozenset[str]:
+    """A comma-separated list (or a list) of names."""
+    value = config.get(key) or ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"{key} must be a comma-separated list of names, got {_describe(value)}")
+    return frozenset(item.strip() for item in items if item.strip())

@@ -1,0 +1,140 @@
+"""Gemini through google-genai: the Developer API with a key, or Vertex AI.
+
+google-genai has no request timeout by default; every client built here has
+``GENAI_TIMEOUT`` (60 s unless configured). The key comes from
+``GEMINI_API_KEY``, with ``GOOGLE_API_KEY`` accepted; Vertex AI is chosen by
+``GOOGLE_GENAI_USE_VERTEXAI`` and needs ``GOOGLE_CLOUD_PROJECT`` and
+``GOOGLE_CLOUD_LOCATION`` (credentials from Application Default Credentials).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from app.config import get_bool, get_seconds, get_str
+from app.connectors._base import Connector, LazyClient, current_connector, reset_registered
+from app.errors import ServiceNotConfiguredError
+from app.redaction import Secret, redact_url, register_secret
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from google.genai import Client
+
+EXTENSION_KEY = "genai_service"
+DEFAULT_ENDPOINT = "https://generativelanguage.googleapis.com"
+
+
+@dataclass(frozen=True)
+class GenAISettings:
+    api_key: Secret | None
+    #: Which key the value came from, for `flask services info`.
+    api_key_setting: str
+    base_url: str | None
+    api_version: str | None
+    timeout: float
+    vertexai: bool
+    project: str | None
+    location: str | None
+
+    @property
+    def missing(self) -> str | None:
+        """The first setting a client still needs, or ``None`` when complete."""
+        if self.vertexai:
+            if not self.project:
+                return "GOOGLE_CLOUD_PROJECT"
+            if not self.location:
+                return "GOOGLE_CLOUD_LOCATION"
+            return None
+        return None if self.api_key else "GEMINI_API_KEY"
+
+    @property
+    def endpoint(self) -> str:
+        if self.base_url:
+            return redact_url(self.base_url)
+        if self.vertexai:
+            return f"https://{self.location or '<GOOGLE_CLOUD_LOCATION>'}-aiplatform.googleapis.com"
+        return DEFAULT_ENDPOINT
+
+
+def parse_genai_settings(config: Mapping[str, Any]) -> GenAISettings:
+    gemini_key, google_key = get_str(config, "GEMINI_API_KEY"), get_str(config, "GOOGLE_API_KEY")
+    key = gemini_key or google_key
+    settings = GenAISettings(
+        api_key=Secret(key) if key else None,
+        api_key_setting="GEMINI_API_KEY" if gemini_key or not google_key else "GOOGLE_API_KEY",
+        base_url=get_str(config, "GENAI_BASE_URL"),
+        api_version=get_str(config, "GENAI_API_VERSION"),
+        timeout=get_seconds(config, "GENAI_TIMEOUT"),
+        vertexai=get_bool(config, "GOOGLE_GENAI_USE_VERTEXAI"),
+        project=get_str(config, "GOOGLE_CLOUD_PROJECT"),
+        location=get_str(config, "GOOGLE_CLOUD_LOCATION"),
+    )
+    register_secret(settings.api_key)
+    return settings
+
+
+def build_genai_client(settings: GenAISettings) -> Client:
+    missing = settings.missing
+    if missing is not None:
+        hint = "or GOOGLE_API_KEY" if missing == "GEMINI_API_KEY" else "needed for Vertex AI"
+        raise ServiceNotConfiguredError("Gemini (google-genai)", missing, hint)
+    from google import genai
+    from google.genai import types
+
+    http_options = types.HttpOptions(
+        base_url=settings.base_url,
+        api_version=settings.api_version,
+        timeout=round(settings.timeout * 1000),  # google-genai counts milliseconds
+    )
+    if settings.vertexai:
+        return genai.Client(
+            vertexai=True,
+            project=settings.project,
+            location=settings.location,
+            http_options=http_options,
+        )
+    assert settings.api_key is not None  # settings.missing said so
+    return genai.Client(api_key=settings.api_key.reveal(), http_options=http_options)
+
+
+def _close(client: Client) -> None:
+    client.close()
+
+
+class GenAIConnector(Connector):
+    extension_key = EXTENSION_KEY
+    accessor = "get_genai_client()"
+
+    def __init__(self, settings: GenAISettings) -> None:
+        self.settings = settings
+        self._client = LazyClient(lambda: build_genai_client(settings), _close)
+
+    def client(self) -> Client:
+        return self._client.get()
+
+    def reset(self) -> None:
+        self._client.reset()
+
+    def info(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "gemini": {
+                "configured": settings.missing is None,
+                "kind": "vertex-ai" if settings.vertexai else "gemini-developer-api",
+                "endpoint": settings.endpoint,
+                "timeout": settings.timeout,
+                "missing": settings.missing,
+                "client_built": self._client.built,
+            }
+        }
+
+
+def current_genai_connector() -> GenAIConnector:
+    return current_connector(EXTENSION_KEY, GenAIConnector.accessor, GenAIConnector)
+
+
+def reset_genai_client(app: Flask | None = None) -> None:
+    """Close the Gemini client of ``app`` (default: the current app) in this process."""
+    reset_registered(EXTENSION_KEY, app)

@@ -1,0 +1,396 @@
+"""OpenAI and every OpenAI-compatible endpoint, as named profiles.
+
+The ``default`` profile comes from ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` /
+``OPENAI_ORGANIZATION`` / ``OPENAI_PROJECT``; more come from
+``OPENAI_PROFILES``, a mapping of name to settings. Profiles named
+``openrouter``, ``groq`` or ``ollama`` start from that provider's well-known
+base URL and key variable, so ``{"groq": {}}`` is a complete profile when
+``GROQ_API_KEY`` is set. A profile with ``azure_endpoint`` builds an
+``AzureOpenAI`` client.
+
+Every client gets a 60 s read / 5 s connect timeout unless configured (the
+SDK's own default is 600 s), and is built only when first asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from app.config import get_count, get_mapping, get_seconds, get_str, parse_count, parse_seconds
+from app.connectors._base import (
+    Connector,
+    LazyClient,
+    current_connector,
+    keep_inherited,
+    on_fork_in_child,
+    reset_registered,
+)
+from app.errors import ConfigError, ServiceNotConfiguredError, UnknownProfileError
+from app.redaction import Secret, redact_url, register_secret
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from openai import AsyncOpenAI, OpenAI
+
+EXTENSION_KEY = "openai_service"
+DEFAULT_PROFILE = "default"
+
+#: Settings a profile may have; anything else is a typo worth failing on.
+PROFILE_KEYS = frozenset(
+    {
+        "base_url", "api_key", "api_key_env", "organization", "project", "default_headers",
+        "timeout", "connect_timeout", "max_retries", "azure_endpoint", "api_version",
+        "azure_deployment",
+    }
+)  # fmt: skip
+
+#: Well-known OpenAI-compatible endpoints: what a profile of that name starts from.
+PRESETS: dict[str, dict[str, Any]] = {
+    "openrouter": {"base_url": "https://openrouter.ai/api/v1", "api_key_env": "OPENROUTER_API_KEY"},
+    "groq": {"base_url": "https://api.groq.com/openai/v1", "api_key_env": "GROQ_API_KEY"},
+    "ollama": {"base_url": "http://127.0.0.1:11434/v1"},
+}
+
+#: Sent as the key to endpoints that need none (Ollama, vLLM): the SDK insists on one.
+KEYLESS_PLACEHOLDER = "not-needed"
+
+
+@dataclass(frozen=True)
+class OpenAIProfile:
+    """One validated endpoint. ``api_key`` is a :class:`Secret`; reprs show ``'***'``."""
+
+    name: str
+    base_url: str | None
+    api_key: Secret | None
+    #: The setting the key comes from, named in "not configured" errors.
+    api_key_setting: str | None
+    organization: str | None = None
+    project: str | None = None
+    default_headers: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = 60.0
+    connect_timeout: float = 5.0
+    max_retries: int = 2
+    azure_endpoint: str | None = None
+    api_version: str | None = None
+    azure_deployment: str | None = None
+
+    @property
+    def is_azure(self) -> bool:
+        return self.azure_endpoint is not None
+
+    @property
+    def configured(self) -> bool:
+        return self.api_key is not None or self.api_key_setting is None
+
+    @property
+    def endpoint(self) -> str:
+        return redact_url(self.azure_endpoint or self.base_url or "https://api.openai.com/v1")
+
+    def require_key(self) -> str:
+        if self.api_key is not None:
+            return self.api_key.reveal()
+        if self.api_key_setting is None:  # a keyless endpoint
+            return KEYLESS_PLACEHOLDER
+        raise ServiceNotConfiguredError(f"OpenAI profile {self.name!r}", self.api_key_setting, "the API key")
+
+
+def parse_openai_settings(config: Mapping[str, Any]) -> dict[str, OpenAIProfile]:
+    """Validate every OpenAI setting; returns the profiles by name."""
+    timeout = get_seconds(config, "OPENAI_TIMEOUT")
+    connect_timeout = get_seconds(config, "OPENAI_CONNECT_TIMEOUT")
+    max_retries = get_count(config, "OPENAI_MAX_RETRIES")
+    key = get_str(config, "OPENAI_API_KEY")
+    profiles = {
+        DEFAULT_PROFILE: OpenAIProfile(
+            name=DEFAULT_PROFILE,
+            base_url=get_str(config, "OPENAI_BASE_URL"),
+            api_key=Secret(key) if key else None,
+            api_key_setting="OPENAI_API_KEY",
+            organization=get_str(config, "OPENAI_ORGANIZATION"),
+            project=get_str(config, "OPENAI_PROJECT"),
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_retries=max_retries,
+        )
+    }
+    for name, raw in get_mapping(config, "OPENAI_PROFILES").items():
+        where = f"OPENAI_PROFILES[{name!r}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where} must be a mapping of settings, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - PROFILE_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{where} has unknown settings {unknown}; expected some of {sorted(PROFILE_KEYS)}"
+            )
+        settings = {**PRESETS.get(name, {}), **raw}
+        if name == DEFAULT_PROFILE:
+            # Overrides on top of the OPENAI_* keys.
+            base = profiles[DEFAULT_PROFILE]
+            settings = {
+                "base_url": base.base_url, "organization": base.organization,
+                "project": base.project,
+                **({"api_key": base.api_key.reveal()} if base.api_key else {}),
+                **settings,
+            }  # fmt: skip
+        profiles[name] = _parse_profile(name, where, settings, config, timeout, connect_timeout, max_retries)
+    for profile in profiles.values():
+        register_secret(profile.api_key)
+    return profiles
+
+
+def _parse_profile(
+    name: str,
+    where: str,
+    settings: Mapping[str, Any],
+    config: Mapping[str, Any],
+    timeout: float,
+    connect_timeout: float,
+    max_retries: int,
+) -> OpenAIProfile:
+    def text(key: str) -> str | None:
+        value = settings.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key} must be a string, got {type(value).__name__}")
+        return value or None
+
+    api_key, key_env = text("api_key"), text("api_key_env")
+    if api_key and key_env:
+        raise ConfigError(f"{where} sets both api_key and api_key_env; keep one")
+    key_setting: str | None = None
+    if key_env:
+        # The variable may live in .env / instance config as well as the environment.
+        api_key = config.get(key_env) or os.environ.get(key_env) or None
+        key_setting = key_env
+    elif not api_key and name == DEFAULT_PROFILE:
+        key_setting = "OPENAI_API_KEY"
+    headers = settings.get("default_headers") or {}
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ConfigError(f"{where}.default_headers must be a mapping of header names to strings")
+    azure_endpoint = text("azure_endpoint")
+    if azure_endpoint and not text("api_version"):
+        raise ConfigError(f"{where}.api_version is required for an Azure profile (e.g. '2024-10-21')")
+    if azure_endpoint and text("base_url"):
+        raise ConfigError(
+            f"{where} sets both azure_endpoint and base_url; an Azure profile uses azure_endpoint"
+        )
+    if not azure_endpoint and not text("base_url") and name != DEFAULT_PROFILE:
+        raise ConfigError(
+            f"{where}.base_url is required (the OpenAI-compatible endpoint, e.g. 'http://127.0.0.1:8000/v1')"
+        )
+    if azure_endpoint and not api_key and not key_env:
+        key_setting = f"{where}.api_key"
+    return OpenAIProfile(
+        name=name,
+        base_url=text("base_url"),
+        api_key=Secret(api_key) if api_key else None,
+        api_key_setting=key_setting,
+        organization=text("organization"),
+        project=text("project"),
+        default_headers=dict(headers),
+        timeout=parse_seconds(settings["timeout"], f"{where}.timeout") if "timeout" in settings else timeout,
+        connect_timeout=(
+            parse_seconds(settings["connect_timeout"], f"{where}.connect_timeout")
+            if "connect_timeout" in settings
+            else connect_timeout
+        ),
+        max_retries=(
+            parse_count(settings["max_retries"], f"{where}.max_retries")
+            if "max_retries" in settings
+            else max_retries
+        ),
+        azure_endpoint=azure_endpoint,
+        api_version=text("api_version"),
+        azure_deployment=text("azure_deployment"),
+    )
+
+
+def _client_kwargs(profile: OpenAIProfile) -> dict[str, Any]:
+    import openai
+
+    kwargs: dict[str, Any] = {
+        "api_key": profile.require_key(),
+        "organization": profile.organization,
+        "project": profile.project,
+        "timeout": openai.Timeout(profile.timeout, connect=profile.connect_timeout),
+        "max_retries": profile.max_retries,
+        "default_headers": dict(profile.default_headers) or None,
+    }
+    if profile.is_azure:
+        kwargs.update(
+            azure_endpoint=profile.azure_endpoint,
+            api_version=profile.api_version,
+            azure_deployment=profile.azure_deployment,
+        )
+        kwargs.pop("project")
+    else:
+        kwargs["base_url"] = profile.base_url
+    return kwargs
+
+
+def build_openai_client(profile: OpenAIProfile) -> OpenAI:
+    """A sync client for ``profile``; ``AzureOpenAI`` for an Azure profile."""
+    kwargs = _client_kwargs(profile)  # first: a missing key fails before the SDK loads further
+    import openai
+
+    return openai.AzureOpenAI(**kwargs) if profile.is_azure else openai.OpenAI(**kwargs)
+
+
+def build_async_openai_client(profile: OpenAIProfile) -> AsyncOpenAI:
+    kwargs = _client_kwargs(profile)
+    import openai
+
+    return openai.AsyncAzureOpenAI(**kwargs) if profile.is_azure else openai.AsyncOpenAI(**kwargs)
+
+
+def _close_sync(client: OpenAI) -> None:
+    client.close()
+
+
+class _AsyncClients:
+    """Async clients of one profile, one per event loop.
+
+    An ``AsyncOpenAI`` pool is bound to the loop that opened its connections;
+    Flask runs each async view in a loop of its own, so sharing one client
+    across loops ends in "Event loop is closed". Clients are keyed weakly by
+    loop and dropped with it.
+    """
+
+    def __init__(self, profile: OpenAIProfile) -> None:
+        self.profile = profile
+        self._lock = threading.Lock()
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._outside_loop: AsyncOpenAI | None = None
+
+    def get(self) -> AsyncOpenAI:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            client = self._outside_loop if loop is None else self._by_loop.get(loop)
+            if client is None:
+                client = build_async_openai_client(self.profile)
+                if loop is None:
+                    self._outside_loop = client
+                else:
+                    self._by_loop[loop] = client
+            return client
+
+    @property
+    def built(self) -> bool:
+        return self._outside_loop is not None or len(self._by_loop) > 0
+
+    def reset(self) -> None:
+        with self._lock:
+            clients = list(self._by_loop.items())
+            self._by_loop.clear()
+            outside, self._outside_loop = self._outside_loop, None
+        for loop, client in clients:
+            if loop.is_closed():
+                continue  # its transports died with the loop
+            if loop.is_running():
+                loop.call_soon_threadsafe(_schedule_close, loop, client)
+            else:
+                loop.run_until_complete(client.close())
+        if outside is not None:
+            asyncio.run(outside.close())
+
+    def forget_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        keep_inherited([*self._by_loop.values(), self._outside_loop])
+        self._by_loop = weakref.WeakKeyDictionary()
+        self._outside_loop = None
+
+
+def _schedule_close(loop: asyncio.AbstractEventLoop, client: AsyncOpenAI) -> None:
+    loop.create_task(client.close())
+
+
+class OpenAIConnector(Connector):
+    extension_key = EXTENSION_KEY
+    accessor = "get_openai_client()"
+
+    def __init__(self, profiles: dict[str, OpenAIProfile]) -> None:
+        self.profiles = profiles
+        self._sync = {
+            name: LazyClient(partial(build_openai_client, profile), _close_sync)
+            for name, profile in profiles.items()
+        }
+        self._async = {name: _AsyncClients(profile) for name, profile in profiles.items()}
+        _all_async.add(self)
+
+    def _unknown(self, name: str) -> UnknownProfileError:
+        return UnknownProfileError(name, sorted(self.profiles))
+
+    def client(self, name: str = DEFAULT_PROFILE) -> OpenAI:
+        try:
+            slot = self._sync[name]
+        except KeyError:
+            raise self._unknown(name) from None
+        return slot.get()
+
+    def async_client(self, name: str = DEFAULT_PROFILE) -> AsyncOpenAI:
+        try:
+            clients = self._async[name]
+        except KeyError:
+            raise self._unknown(name) from None
+        return clients.get()
+
+    def profile(self, name: str = DEFAULT_PROFILE) -> OpenAIProfile:
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise self._unknown(name) from None
+
+    def reset(self) -> None:
+        for slot in self._sync.values():
+            slot.reset()
+        for clients in self._async.values():
+            clients.reset()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            name: {
+                "configured": profile.configured,
+                "kind": "azure" if profile.is_azure else "openai-compatible",
+                "endpoint": profile.endpoint,
+                "timeout": profile.timeout,
+                "connect_timeout": profile.connect_timeout,
+                "max_retries": profile.max_retries,
+                "missing": None if profile.configured else profile.api_key_setting,
+                "client_built": self._sync[name].built or self._async[name].built,
+            }
+            for name, profile in self.profiles.items()
+        }
+
+
+_all_async: weakref.WeakSet[OpenAIConnector] = weakref.WeakSet()
+
+
+def _forget_async_after_fork() -> None:
+    for connector in list(_all_async):
+        for clients in connector._async.values():
+            clients.forget_after_fork()
+
+
+on_fork_in_child(_forget_async_after_fork)
+
+
+def current_openai_connector() -> OpenAIConnector:
+    return current_connector(EXTENSION_KEY, OpenAIConnector.accessor, OpenAIConnector)
+
+
+def reset_openai_client(app: Flask | None = None) -> None:
+    """Close every OpenAI client of ``app`` (default: the current app) in this process."""
+    reset_registered(EXTENSION_KEY, app)

@@ -1,0 +1,122 @@
+"""Redis through redis-py, with defaults that fail fast.
+
+redis-py 8 retries a failed command ten times with backoff and waits 5 s on a
+dead socket; a cache or a breaker store in front of a web request must give up
+sooner. Defaults here: 1 s socket and connect timeouts, at most one retry,
+and a health check on connections idle for 30 s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from app.config import get_count, get_seconds, get_str
+from app.connectors._base import Connector, LazyClient, current_connector, reset_registered
+from app.errors import ConfigError, ServiceNotConfiguredError
+from app.redaction import Secret, redact_url, register_secret
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from redis import Redis
+
+EXTENSION_KEY = "redis_service"
+SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    #: The whole URL is secret: it may carry a password.
+    url: Secret | None
+    socket_timeout: float
+    connect_timeout: float
+    max_retries: int
+    health_check_interval: int
+
+    @property
+    def endpoint(self) -> str | None:
+        return redact_url(self.url.reveal()) if self.url else None
+
+
+def parse_redis_settings(config: Mapping[str, Any]) -> RedisSettings:
+    url = get_str(config, "REDIS_URL")
+    if url is not None:
+        scheme = urlsplit(url).scheme
+        if scheme not in SCHEMES:
+            raise ConfigError(
+                f"REDIS_URL must start with redis://, rediss:// or unix://, got {scheme or 'no'} scheme"
+            )
+        password = urlsplit(url).password
+        register_secret(password)
+    return RedisSettings(
+        url=Secret(url) if url else None,
+        socket_timeout=get_seconds(config, "REDIS_SOCKET_TIMEOUT"),
+        connect_timeout=get_seconds(config, "REDIS_CONNECT_TIMEOUT"),
+        max_retries=get_count(config, "REDIS_MAX_RETRIES"),
+        health_check_interval=get_count(config, "REDIS_HEALTH_CHECK_INTERVAL"),
+    )
+
+
+def build_redis_client(settings: RedisSettings) -> Redis:
+    if settings.url is None:
+        raise ServiceNotConfiguredError("Redis", "REDIS_URL", "e.g. redis://127.0.0.1:6379/0")
+    import redis
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        settings.url.reveal(),
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.connect_timeout,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), settings.max_retries),
+        health_check_interval=settings.health_check_interval,
+    )
+
+
+def _close(client: Redis) -> None:
+    client.connection_pool.disconnect()
+    client.close()
+
+
+class RedisConnector(Connector):
+    extension_key = EXTENSION_KEY
+    accessor = "get_redis_client()"
+
+    def __init__(self, settings: RedisSettings) -> None:
+        self.settings = settings
+        self._client = LazyClient(lambda: build_redis_client(settings), _close)
+
+    @property
+    def configured(self) -> bool:
+        return self.settings.url is not None
+
+    def client(self) -> Redis:
+        return self._client.get()
+
+    def reset(self) -> None:
+        self._client.reset()
+
+    def info(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "redis": {
+                "configured": self.configured,
+                "endpoint": settings.endpoint,
+                "socket_timeout": settings.socket_timeout,
+                "connect_timeout": settings.connect_timeout,
+                "max_retries": settings.max_retries,
+                "missing": None if self.configured else "REDIS_URL",
+                "client_built": self._client.built,
+            }
+        }
+
+
+def current_redis_connector() -> RedisConnector:
+    return current_connector(EXTENSION_KEY, RedisConnector.accessor, RedisConnector)
+
+
+def reset_redis_client(app: Flask | None = None) -> None:
+    """Close the Redis client of ``app`` (default: the current app) in this process."""
+    reset_registered(EXTENSION_KEY, app)

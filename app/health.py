@@ -1,0 +1,199 @@
+"""Readiness checks shared by ``GET /readyz`` and ``flask services check``.
+
+Every configured dependency is checked concurrently, each with its own
+timeout (``HEALTH_CHECK_TIMEOUT``, 2 s by default), so one hung dependency
+costs the probe that timeout once, not once per service. The database answers
+``SELECT 1`` and Redis ``PING``; LLM providers are only reported as
+configured or not, since a real call per probe would cost money.
+
+A failed check is ``fail`` when the service is required (the database, and
+Redis when ``REDIS_URL`` is set, unless named in ``HEALTH_OPTIONAL_SERVICES``)
+and ``warn`` otherwise. Outputs pass through :func:`app.redaction.redact`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from flask import Flask
+
+from app.config import get_names, get_seconds
+from app.connectors.genai_connector import EXTENSION_KEY as GENAI_KEY
+from app.connectors.genai_connector import GenAIConnector
+from app.connectors.openai_connector import EXTENSION_KEY as OPENAI_KEY
+from app.connectors.openai_connector import OpenAIConnector
+from app.connectors.redis_connector import EXTENSION_KEY as REDIS_KEY
+from app.connectors.redis_connector import RedisConnector
+from app.redaction import redact
+from app.services import db_service
+
+Status = Literal["pass", "warn", "fail"]
+_RANK: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    component: str
+    component_type: str
+    measurement: str
+    status: Status
+    observed_value: float | bool | None = None
+    observed_unit: str | None = None
+    output: str | None = None
+
+    def as_health_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "componentId": self.component,
+            "componentType": self.component_type,
+            "status": self.status,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        if self.observed_value is not None:
+            entry["observedValue"] = self.observed_value
+        if self.observed_unit:
+            entry["observedUnit"] = self.observed_unit
+        if self.output:
+            entry["output"] = self.output
+        return entry
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    status: Status
+    checks: list[CheckResult]
+
+    def as_health_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "description": "readiness of the app's services",
+            "checks": {f"{c.component}:{c.measurement}": [c.as_health_json()] for c in self.checks},
+        }
+
+
+@dataclass(frozen=True)
+class _Probe:
+    component: str
+    component_type: str
+    required: bool
+    run: Callable[[], None]
+
+
+def _ping_database() -> None:
+    from sqlalchemy import text
+
+    with db_service.engine().connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+def _ping_redis() -> None:
+    from app.services.redis_service import get_redis_client
+
+    get_redis_client().ping()
+
+
+def run_checks(app: Flask) -> HealthReport:
+    """Check every service of ``app`` now; never raises."""
+    optional = get_names(app.config, "HEALTH_OPTIONAL_SERVICES")
+    timeout = get_seconds(app.config, "HEALTH_CHECK_TIMEOUT")
+    probes = [_Probe("database", "datastore", "database" not in optional, _ping_database)]
+    static: list[CheckResult] = []
+    redis_connector = app.extensions.get(REDIS_KEY)
+    if isinstance(redis_connector, RedisConnector):
+        if redis_connector.configured:
+            probes.append(_Probe("redis", "datastore", "redis" not in optional, _ping_redis))
+        else:
+            static.append(
+                CheckResult(
+                    "redis",
+                    "datastore",
+                    "responseTime",
+                    "pass",
+                    output="not configured (REDIS_URL)",
+                )
+            )
+    static.extend(_provider_results(app))
+    results = _run_probes(app, probes, timeout)
+    checks = results + static
+    worst: Status = max((c.status for c in checks), key=_RANK.__getitem__, default="pass")
+    return HealthReport(status=worst, checks=checks)
+
+
+def _run_probes(app: Flask, probes: list[_Probe], timeout: float) -> list[CheckResult]:
+    def timed(probe: _Probe) -> float:
+        with app.app_context():
+            started = time.perf_counter()
+            probe.run()
+            return (time.perf_counter() - started) * 1000
+
+    from concurrent.futures import ThreadPoolExecutor, wait  # only probes need it
+
+    # Threads, not the request thread: a hung probe is abandoned at its
+    # timeout (its thread finishes on its own, bounded by the client's own
+    # socket timeouts) instead of holding the response.
+    executor = ThreadPoolExecutor(max_workers=len(probes), thread_name_prefix="health")
+    try:
+        futures = [executor.submit(timed, probe) for probe in probes]
+        wait(futures, timeout=timeout)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    results = []
+    for probe, future in zip(probes, futures, strict=True):
+        failed: Status = "fail" if probe.required else "warn"
+        if not future.done():
+            results.append(
+                CheckResult(
+                    probe.component,
+                    probe.component_type,
+                    "responseTime",
+                    failed,
+                    output=f"no answer within {timeout:g} s",
+                )
+            )
+        elif (error := future.exception()) is not None:
+            results.append(
+                CheckResult(
+                    probe.component,
+                    probe.component_type,
+                    "responseTime",
+                    failed,
+                    output=redact(f"{type(error).__name__}: {error}".splitlines()[0]),
+                )
+            )
+        else:
+            results.append(
+                CheckResult(
+                    probe.component,
+                    probe.component_type,
+                    "responseTime",
+                    "pass",
+                    round(future.result(), 2),
+                    "ms",
+                )
+            )
+    return results
+
+
+def _provider_results(app: Flask) -> list[CheckResult]:
+    results = []
+    for key, prefix in ((OPENAI_KEY, "openai"), (GENAI_KEY, "gemini")):
+        connector = app.extensions.get(key)
+        if not isinstance(connector, OpenAIConnector | GenAIConnector):
+            continue
+        for name, info in connector.info().items():
+            component = f"{prefix}:{name}" if prefix == "openai" else prefix
+            output = "configured" if info["configured"] else f"not configured ({info['missing']})"
+            results.append(
+                CheckResult(
+                    component,
+                    "component",
+                    "configured",
+                    "pass",
+                    bool(info["configured"]),
+                    output=output,
+                )
+            )
+    return results

@@ -1,0 +1,30 @@
+"""The Redis client for views and commands."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flask import Flask
+
+from app.connectors._base import register
+from app.connectors.redis_connector import (
+    RedisConnector,
+    current_redis_connector,
+    parse_redis_settings,
+    reset_redis_client,
+)
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+__all__ = ["get_redis_client", "init_app", "reset_redis_client"]
+
+
+def init_app(app: Flask) -> None:
+    """Validate the Redis settings; opens no connection."""
+    register(app, RedisConnector(parse_redis_settings(app.config)))
+
+
+def get_redis_client() -> Redis:
+    """The current app's ``redis.Redis``, built on first use in this process."""
+    return current_redis_connector().client()

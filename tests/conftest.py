@@ -1,0 +1,114 @@
+"""Fixtures on real parts: redis-server, PostgreSQL, local HTTP servers, SQLite.
+
+Every app is built by :func:`make_app`, which isolates it from the machine's
+own environment (no ``OPENAI_API_KEY`` etc. leaks in) and from the project's
+``.env``, and puts its instance folder in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from pytest_httpserver import HTTPServer
+
+from app import create_app
+from app.config import DEFAULTS
+from app.services import reset_services
+from tests.servers import PostgresServer, RedisServer, start_postgres, start_redis
+
+#: A key that must never appear in any output. Tests configure it and grep for it.
+CANARY_KEY = "sk-canary-7f3a9c1e5b2d4f608a1b3c5d7e9f0a2b"
+CANARY_GEMINI_KEY = "AIza-canary-1b2c3d4e5f60718293a4b5c6d7e8f90"
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's own settings must not leak into apps under test."""
+    for key in [*DEFAULTS, "OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "GROQ_API_KEY",
+                "OPENROUTER_API_KEY", "INSTANCE_PATH", "DOTENV_PATH"]:
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def make_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Flask]]:
+    """Build apps with TESTING on, a temporary instance folder and no .env; reset them after."""
+    apps: list[Flask] = []
+
+    def factory(config: dict[str, Any] | None = None, **settings: Any) -> Flask:
+        instance = tmp_path_factory.mktemp("instance")
+        merged = {"TESTING": True, "INSTANCE_PATH": str(instance),
+                  "DOTENV_PATH": str(instance / "no.env"), **(config or {}), **settings}
+        app = create_app(merged)
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        reset_services(app)
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    """The default app of pytest-flask's ``client`` fixture: SQLite, nothing else configured."""
+    return make_app()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def disposable_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that stop it."""
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def local_server() -> Iterator[HTTPServer]:
+    """A threaded HTTP server on 127.0.0.1: keeps connections alive, like a real provider."""
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.start()
+    yield server
+    server.clear()
+    if server.is_running():
+        server.stop()
+
+
+def chat_completion(content: str = "hello", model: str = "gpt-4o-mini") -> dict[str, Any]:
+    """A chat completion as the OpenAI API sends it."""
+    return {
+        "id": "chatcmpl-123",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": content, "refusal": None}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+    }
+
+
+def shared_dir() -> Path | None:
+    """``../shared`` beside the project (CI puts it there), if present."""
+    candidate = ROOT.parent / "shared"
+    return candidate if candidate.is_dir() else None
+
+
