@@ -69,10 +69,9 @@ def load_config(app: Flask, overrides: Mapping[str, Any] | None, dotenv_path: Pa
         # about a sixth of a bare Flask start-up.
         from dotenv import dotenv_values
 
-        app.config.from_mapping(
-            {k: v for k, v in dotenv_values(dotenv_path).items() if k.isupper() and v is not None}
-        )
-    app.config.from_mapping({k: os.environ[k] for k in DEFAULTS if k in os.environ})
+        # An empty value (``KEY=``, as in .env.example) means "not set": the default stands.
+        app.config.from_mapping({k: v for k, v in dotenv_values(dotenv_path).items() if k.isupper() and v})
+    app.config.from_mapping({k: os.environ[k] for k in DEFAULTS if os.environ.get(k)})
     if overrides:
         app.config.from_mapping(overrides)
 

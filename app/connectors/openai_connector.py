@@ -14,7 +14,6 @@ SDK's own default is 600 s), and is built only when first asked for.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import weakref
@@ -36,6 +35,8 @@ from app.errors import ConfigError, ServiceNotConfiguredError, UnknownProfileErr
 from app.redaction import Secret, redact_url, register_secret
 
 if TYPE_CHECKING:
+    import asyncio
+
     from flask import Flask
     from openai import AsyncOpenAI, OpenAI
 
@@ -273,6 +274,8 @@ class _AsyncClients:
         self._outside_loop: AsyncOpenAI | None = None
 
     def get(self) -> AsyncOpenAI:
+        import asyncio  # only async callers pay for it
+
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -304,6 +307,8 @@ class _AsyncClients:
             else:
                 loop.run_until_complete(client.close())
         if outside is not None:
+            import asyncio
+
             asyncio.run(outside.close())
 
     def forget_after_fork(self) -> None:

@@ -1,0 +1,15 @@
+"""Run every benchmark in this folder and print its figures."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import client_lookup, cold_start  # noqa: E402
+
+if __name__ == "__main__":
+    print(f"python {sys.version.split()[0]}")
+    client_lookup.main()
+    cold_start.main()
