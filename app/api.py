@@ -77,19 +77,34 @@ def chat() -> Response:
 
     try:
         completion = client.chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
+        return jsonify(_completion_json(completion))
     except openai.APIError as exc:
         return upstream_error_response(exc, profile)
-    choice = completion.choices[0] if completion.choices else None
+    except _UNREADABLE as exc:
+        # A 2xx that is not a chat completion (bad JSON, HTML, wrong shape): the
+        # provider failed, not this app, so 502 rather than an "internal" 500.
+        return upstream_error_response(exc, profile)
+
+
+#: What the SDK (which does not validate responses) and :func:`_completion_json`
+#: raise on a 2xx body that is not a chat completion.
+_UNREADABLE = (ValueError, TypeError, AttributeError, LookupError)
+
+
+def _completion_json(completion: Any) -> dict[str, Any]:
+    choices = completion.choices
+    if not isinstance(choices, list) or not choices:
+        raise ValueError("the completion has no choices")
     usage = completion.usage
-    return jsonify(
-        content=choice.message.content if choice else None,
-        model=completion.model,
-        usage={
+    return {
+        "content": choices[0].message.content,
+        "model": completion.model,
+        "usage": {
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
             "total_tokens": usage.total_tokens if usage else None,
         },
-    )
+    }
 
 
 def retry_after_seconds(headers: Any) -> str | None:

@@ -16,6 +16,7 @@ from app.health import run_checks
 from app.redaction import redact
 from app.services.db_service import get_db
 
+
 class LazyMigrateGroup(click.Command):
     """``flask db ...``: Flask-Migrate's commands, with Flask-Migrate loaded only when they run.
 

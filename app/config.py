@@ -116,8 +116,11 @@ def get_str(config: Mapping[str, Any], key: str) -> str | None:
 
 
 def get_seconds(config: Mapping[str, Any], key: str) -> float:
-    """A positive, finite number of seconds (accepts ``"2.5"`` from the environment)."""
-    return parse_seconds(config.get(key), key)
+    """A positive, finite number of seconds (accepts ``"2.5"`` from the environment).
+
+    A key absent from ``config`` (an app not built by ``create_app``) has its default.
+    """
+    return parse_seconds(config.get(key, DEFAULTS.get(key)), key)
 
 
 def parse_seconds(value: object, key: str) -> float:
@@ -131,8 +134,8 @@ def parse_seconds(value: object, key: str) -> float:
 
 
 def get_count(config: Mapping[str, Any], key: str) -> int:
-    """A whole number, zero or more (retries, intervals)."""
-    return parse_count(config.get(key), key)
+    """A whole number, zero or more (retries, intervals); a key absent from ``config`` has its default."""
+    return parse_count(config.get(key, DEFAULTS.get(key)), key)
 
 
 def parse_count(value: object, key: str) -> int:
@@ -152,7 +155,7 @@ _FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
 def get_bool(config: Mapping[str, Any], key: str) -> bool:
-    value = config.get(key)
+    value = config.get(key, DEFAULTS.get(key))
     if isinstance(value, bool) or value is None:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:

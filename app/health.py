@@ -134,7 +134,7 @@ def _run_probes(app: Flask, probes: list[_Probe], timeout: float) -> list[CheckR
     # Threads, not the request thread: a hung probe is abandoned at its
     # timeout (its thread finishes on its own, bounded by the client's own
     # socket timeouts) instead of holding the response.
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health")
+    executor = ThreadPoolExecutor(max_workers=len(probes), thread_name_prefix="health")
     try:
         futures = [executor.submit(timed, probe) for probe in probes]
         wait(futures, timeout=timeout)

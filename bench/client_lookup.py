@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flask import current_app  # noqa: E402
+from flask import current_app
 
-from app import create_app  # noqa: E402
-from app.services.openai_service import get_openai_client  # noqa: E402
+from app import create_app
+from app.services.openai_service import get_openai_client
 
 ROUNDS = 15
 CALLS = 200_000

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import client_lookup, cold_start  # noqa: E402
+from bench import client_lookup, cold_start
 
 if __name__ == "__main__":
     print(f"python {sys.version.split()[0]}")

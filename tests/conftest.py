@@ -7,7 +7,6 @@ own environment (no ``OPENAI_API_KEY`` etc. leaks in) and from the project's
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The machine's own settings must not leak into apps under test."""
-    for key in [*DEFAULTS, "OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "GROQ_API_KEY",
-                "OPENROUTER_API_KEY", "INSTANCE_PATH", "DOTENV_PATH"]:
+    for key in [
+        *DEFAULTS,
+        "OPENAI_ORG_ID",
+        "OPENAI_PROJECT_ID",
+        "GROQ_API_KEY",
+        "OPENROUTER_API_KEY",
+        "INSTANCE_PATH",
+        "DOTENV_PATH",
+    ]:
         monkeypatch.delenv(key, raising=False)
 
 
@@ -43,8 +49,13 @@ def make_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...,
 
     def factory(config: dict[str, Any] | None = None, **settings: Any) -> Flask:
         instance = tmp_path_factory.mktemp("instance")
-        merged = {"TESTING": True, "INSTANCE_PATH": str(instance),
-                  "DOTENV_PATH": str(instance / "no.env"), **(config or {}), **settings}
+        merged = {
+            "TESTING": True,
+            "INSTANCE_PATH": str(instance),
+            "DOTENV_PATH": str(instance / "no.env"),
+            **(config or {}),
+            **settings,
+        }
         app = create_app(merged)
         apps.append(app)
         return app
@@ -100,8 +111,13 @@ def chat_completion(content: str = "hello", model: str = "gpt-4o-mini") -> dict[
         "object": "chat.completion",
         "created": 1_700_000_000,
         "model": model,
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": content, "refusal": None}}],
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content, "refusal": None},
+            }
+        ],
         "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
     }
 
@@ -110,5 +126,3 @@ def shared_dir() -> Path | None:
     """``../shared`` beside the project (CI puts it there), if present."""
     candidate = ROOT.parent / "shared"
     return candidate if candidate.is_dir() else None
-
-

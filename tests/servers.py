@@ -54,8 +54,21 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (make test installs it from Debian)")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"]
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--daemonize",
+            "no",
+        ]
         if self.password:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -103,10 +116,19 @@ class PostgresServer:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def start(self) -> None:
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.datadir), "-w", "-t", "60", "-l",
-                  str(self.datadir / "server.log"), "-o",
-                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.datadir} -c fsync=off",
-                  "start")
+        self._run(
+            _pg_bin("pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.datadir / "server.log"),
+            "-o",
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.datadir} -c fsync=off",
+            "start",
+        )
 
     def stop(self) -> None:
         self._run(_pg_bin("pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
@@ -114,9 +136,23 @@ class PostgresServer:
     def psql(self, sql: str) -> str:
         env = {**os.environ, "PGPASSWORD": self.password}
         out = subprocess.run(
-            [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
-             "-d", self.database, "-Atc", sql],
-            check=True, capture_output=True, text=True, env=env,
+            [
+                _pg_bin("psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                "-d",
+                self.database,
+                "-Atc",
+                sql,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
         )
         return out.stdout.strip()
 
@@ -135,10 +171,26 @@ def start_postgres() -> PostgresServer:
     pwfile.write_text(server.password)
     if run_as:
         os.chown(pwfile, entry.pw_uid, entry.pw_gid)
-    server._run(_pg_bin("initdb"), "-D", str(datadir), "-U", server.user, "--pwfile", str(pwfile),
-                "-A", "scram-sha-256", "--no-sync", "-E", "UTF8")
+    server._run(
+        _pg_bin("initdb"),
+        "-D",
+        str(datadir),
+        "-U",
+        server.user,
+        "--pwfile",
+        str(pwfile),
+        "-A",
+        "scram-sha-256",
+        "--no-sync",
+        "-E",
+        "UTF8",
+    )
     server.start()
     env = {**os.environ, "PGPASSWORD": server.password}
-    subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", server.user,
-                    server.database], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", server.user, server.database],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     return server

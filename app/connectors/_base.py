@@ -16,7 +16,7 @@ import os
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar, cast
 
 from flask import Flask, current_app
@@ -117,6 +117,9 @@ class Connector(ABC):
     def info(self) -> dict[str, Any]:
         """What operators may see: configured, endpoint (redacted), timeouts, built."""
 
+    def reconfigure(self, config: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Validate ``config`` again so that the next client is built from it (before a reset)."""
+
 
 def register(app: Flask, connector: Connector) -> None:
     """Attach ``connector`` to ``app``; a second registration is a mistake worth a clear error."""
@@ -149,8 +152,13 @@ def current_connector(key: str, accessor: str, kind: type[ConnectorT]) -> Connec
 
 
 def reset_registered(key: str, app: Flask | None) -> None:
-    """Reset the connector under ``key`` on ``app`` (default: the current app)."""
+    """Reset the connector under ``key`` on ``app`` (default: the current app).
+
+    The settings are read again from ``app.config`` first, so that the next
+    client is built from the current config (a rotated key, a moved endpoint).
+    """
     target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
     connector = target.extensions.get(key)
     if isinstance(connector, Connector):
+        connector.reconfigure(target.config)
         connector.reset()

@@ -109,7 +109,10 @@ class GenAIConnector(Connector):
 
     def __init__(self, settings: GenAISettings) -> None:
         self.settings = settings
-        self._client = LazyClient(lambda: build_genai_client(settings), _close)
+        self._client = LazyClient(lambda: build_genai_client(self.settings), _close)
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        self.settings = parse_genai_settings(config)
 
     def client(self) -> Client:
         return self._client.get()

@@ -130,7 +130,12 @@ def parse_openai_settings(config: Mapping[str, Any]) -> dict[str, OpenAIProfile]
             raise ConfigError(
                 f"{where} has unknown settings {unknown}; expected some of {sorted(PROFILE_KEYS)}"
             )
-        settings = {**PRESETS.get(name, {}), **raw}
+        preset = dict(PRESETS.get(name, {}))
+        if raw.get("api_key"):  # a key given inline replaces the preset's key variable
+            preset.pop("api_key_env", None)
+        if raw.get("azure_endpoint"):
+            preset.pop("base_url", None)
+        settings = {**preset, **raw}
         if name == DEFAULT_PROFILE:
             # Overrides on top of the OPENAI_* keys.
             base = profiles[DEFAULT_PROFILE]
@@ -313,7 +318,9 @@ class _AsyncClients:
 
     def forget_after_fork(self) -> None:
         self._lock = threading.Lock()
-        keep_inherited([*self._by_loop.values(), self._outside_loop])
+        inherited = [c for c in (*self._by_loop.values(), self._outside_loop) if c is not None]
+        if inherited:
+            keep_inherited(inherited)
         self._by_loop = weakref.WeakKeyDictionary()
         self._outside_loop = None
 
@@ -327,13 +334,27 @@ class OpenAIConnector(Connector):
     accessor = "get_openai_client()"
 
     def __init__(self, profiles: dict[str, OpenAIProfile]) -> None:
+        self._install(profiles)
+        _all_async.add(self)
+
+    def _install(self, profiles: dict[str, OpenAIProfile]) -> None:
         self.profiles = profiles
         self._sync = {
             name: LazyClient(partial(build_openai_client, profile), _close_sync)
             for name, profile in profiles.items()
         }
         self._async = {name: _AsyncClients(profile) for name, profile in profiles.items()}
-        _all_async.add(self)
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        profiles = parse_openai_settings(config)
+        if profiles == self.profiles:
+            return
+        old_sync, old_async = self._sync, self._async
+        self._install(profiles)
+        for slot in old_sync.values():
+            slot.reset()
+        for clients in old_async.values():
+            clients.reset()
 
     def _unknown(self, name: str) -> UnknownProfileError:
         return UnknownProfileError(name, sorted(self.profiles))

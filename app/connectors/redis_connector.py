@@ -86,7 +86,10 @@ class RedisConnector(Connector):
 
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
-        self._client = LazyClient(lambda: build_redis_client(settings), _close)
+        self._client = LazyClient(lambda: build_redis_client(self.settings), _close)
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        self.settings = parse_redis_settings(config)
 
     @property
     def configured(self) -> bool:

@@ -1,11 +1,11 @@
 """The database: Flask-SQLAlchemy, attached lazily, fork-safe.
 
 ``db`` is the Flask-SQLAlchemy instance users define models on. It is created
-on first access, not at import: SQLAlchemy alone takes longer to import than
-Flask, and an app whose first request is ``/livez`` (or a ``flask`` command
-that never touches the database) should not pay for it. An app that imports
-its models before ``create_app`` has ``db`` already, and is attached at
-``init_app`` as with plain Flask-SQLAlchemy.
+on first access, not at import, and attached to an app (its engines created)
+the first time that app needs an engine, not in ``init_app``: SQLAlchemy
+alone takes longer to import than Flask, and an app whose first request is
+``/livez`` (or a ``flask`` command that never touches the database) should
+not pay for it. Models defined on ``db`` work as with plain Flask-SQLAlchemy.
 
 ``DATABASE_URL`` (or ``SQLALCHEMY_DATABASE_URI``) accepts ``sqlite:///...``,
 ``postgres://`` and ``postgresql://`` (PostgreSQL through psycopg 3); the
@@ -20,7 +20,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,13 +44,12 @@ EXTENSION_KEY = "db_service"
 
 _lock = threading.RLock()
 _db: SQLAlchemy | None = None
-#: Apps registered before ``db`` existed: attached when it is first created.
-_pending: weakref.WeakSet[Flask] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
 class DatabaseSettings:
-    url: str
+    #: Out of the repr: it may carry the password (``endpoint`` is the redacted form).
+    url: str = field(repr=False)
     connect_timeout: float
     pool_pre_ping: bool
 
@@ -108,6 +107,19 @@ class DatabaseConnector(Connector):
     def attached(self) -> bool:
         return bool(self.engines)
 
+    @property
+    def holds_connections(self) -> bool:
+        """Whether this process has connections in its pools (none after reset or a fork)."""
+        for engine in self.engines:
+            pool = engine.pool
+            checked_in = getattr(pool, "checkedin", None)
+            checked_out = getattr(pool, "checkedout", None)
+            if checked_in is None or checked_out is None:
+                return True  # a pool that does not count (StaticPool): attached is all we know
+            if checked_in() + checked_out() > 0:
+                return True
+        return False
+
     def reset(self) -> None:
         """Close every pooled connection; the pool opens new ones on demand."""
         for engine in self.engines:
@@ -125,7 +137,7 @@ class DatabaseConnector(Connector):
                 "endpoint": self.settings.endpoint,
                 "connect_timeout": self.settings.connect_timeout,
                 "pool_pre_ping": self.settings.pool_pre_ping,
-                "client_built": self.attached,
+                "client_built": self.holds_connections,
             }
         }
 
@@ -158,11 +170,6 @@ def init_app(app: Flask) -> None:
     # come later than that, so they are registered here, up front.
     app.teardown_appcontext(_remove_session)
     app.shell_context_processor(lambda: {"db": get_db()})
-    with _lock:
-        if _db is not None:
-            _attach(_db, app)
-        else:
-            _pending.add(app)
 
 
 def _remove_session(_exc: BaseException | None) -> None:
@@ -175,25 +182,22 @@ def _ignore_setup(f: Any) -> Any:
 
 
 def _attach(database: SQLAlchemy, app: Flask) -> None:
-    """Run Flask-SQLAlchemy's ``init_app`` for ``app``, whenever that happens.
+    """Run Flask-SQLAlchemy's ``init_app`` for ``app`` on its first use of the database.
 
     Its one setup-method call (the session teardown) was made by
-    :func:`init_app` already; it is passed over here so that attaching after
-    the first request works. Called with ``_lock`` held.
+    :func:`init_app` already, and Flask refuses such calls once the app has
+    served a request, which a lazy attach usually follows; so it is passed
+    over here. Called with ``_lock`` held.
     """
     app.__dict__["teardown_appcontext"] = _ignore_setup
     try:
         database.init_app(app)
     finally:
         del app.__dict__["teardown_appcontext"]
-    connector = app.extensions[EXTENSION_KEY]
-    with app.app_context():
-        connector.engines = list(database.engines.values())
-    _attached.add(connector)
 
 
 def get_db() -> SQLAlchemy:
-    """The Flask-SQLAlchemy instance, created (and attached to waiting apps) on first use."""
+    """The Flask-SQLAlchemy instance users define models on, created on first use."""
     database = _db
     if database is not None:
         return database
@@ -208,11 +212,22 @@ def _create() -> None:
     global _db  # noqa: PLW0603 - the one shared instance, created lazily
     from flask_sqlalchemy import SQLAlchemy
 
-    database = SQLAlchemy(add_models_to_shell=False)
-    for app in list(_pending):
-        _attach(database, app)
-    _pending.clear()
-    _db = database
+    class ServicesSQLAlchemy(SQLAlchemy):
+        """Flask-SQLAlchemy, attached to an app the first time that app needs an engine."""
+
+        @property
+        def engines(self) -> Mapping[str | None, Engine]:
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+            if app.extensions.get("sqlalchemy") is not self and EXTENSION_KEY in app.extensions:
+                with _lock:
+                    if app.extensions.get("sqlalchemy") is not self:
+                        _attach(self, app)
+                        connector: DatabaseConnector = app.extensions[EXTENSION_KEY]
+                        connector.engines = list(super().engines.values())
+                        _attached.add(connector)
+            return super().engines
+
+    _db = ServicesSQLAlchemy(add_models_to_shell=False)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,386 @@
+"""``POST /api/chat`` against a local server speaking the OpenAI protocol: success and every error."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from tests.conftest import CANARY_KEY, chat_completion
+
+CHAT_PATH = "/v1/chat/completions"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def _module_server():
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def local_server(_module_server):
+    """Like conftest's, but one server for the module (stopping one costs 0.5 s), cleared per test."""
+    _module_server.clear()
+    yield _module_server
+    _module_server.clear()
+
+
+@pytest.fixture
+def chat_app(make_app, local_server):
+    """An app whose default profile points at ``local_server`` with the canary key; no SDK retries."""
+    return make_app(
+        OPENAI_API_KEY=CANARY_KEY,
+        OPENAI_BASE_URL=local_server.url_for("/v1"),
+        OPENAI_MAX_RETRIES=0,
+    )
+
+
+def _post(app, body=None, **kwargs):
+    if body is not None:
+        kwargs["json"] = body
+    return app.test_client().post("/api/chat", **kwargs)
+
+
+def _assert_json_error(response, status: int, kind: str) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    text = response.get_data(as_text=True)
+    assert "<html" not in text.lower()
+    assert "Traceback" not in text
+    error = json.loads(text)["error"]
+    assert error["type"] == kind
+    assert error["message"]
+    return error
+
+
+def _upstream_requests(local_server) -> list[Request]:
+    return [request for request, _ in local_server.log]
+
+
+# --- success -------------------------------------------------------------------------------
+
+
+def test_chat_returns_content_model_and_usage(chat_app, local_server):
+    local_server.expect_request(CHAT_PATH, method="POST").respond_with_json(
+        chat_completion("Hello there", model="gpt-4o-mini-2024-07-18")
+    )
+
+    response = _post(chat_app, {"messages": MESSAGES, "model": "gpt-4o-mini"})
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.json == {
+        "content": "Hello there",
+        "model": "gpt-4o-mini-2024-07-18",
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+    }
+    (sent,) = _upstream_requests(local_server)
+    assert sent.method == "POST"
+    assert sent.path == CHAT_PATH
+    assert sent.headers["Authorization"] == f"Bearer {CANARY_KEY}"
+    assert sent.headers["Content-Type"] == "application/json"
+    assert json.loads(sent.get_data()) == {"messages": MESSAGES, "model": "gpt-4o-mini"}
+
+
+def test_chat_uses_the_named_profile(make_app, local_server):
+    profile_key = "sk-profile-" + "9" * 24
+    app = make_app(
+        OPENAI_API_KEY=CANARY_KEY,
+        OPENAI_BASE_URL=local_server.url_for("/default/v1"),
+        OPENAI_PROFILES={
+            "local": {
+                "base_url": local_server.url_for("/local/v1"),
+                "api_key": profile_key,
+                "default_headers": {"X-Title": "flask-services"},
+                "max_retries": 0,
+            }
+        },
+    )
+    local_server.expect_request("/local/v1/chat/completions", method="POST").respond_with_json(
+        chat_completion("from local", model="llama3")
+    )
+
+    response = _post(app, {"messages": MESSAGES, "model": "llama3", "profile": "local"})
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.json["content"] == "from local"
+    (sent,) = _upstream_requests(local_server)
+    assert sent.path == "/local/v1/chat/completions"
+    assert sent.headers["Authorization"] == f"Bearer {profile_key}"
+    assert sent.headers["X-Title"] == "flask-services"
+
+
+def test_chat_passes_list_content_parts_through(chat_app, local_server):
+    local_server.expect_request(CHAT_PATH, method="POST").respond_with_json(chat_completion("ok"))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe this"}]}]
+
+    response = _post(chat_app, {"messages": messages, "model": "gpt-4o"})
+
+    assert response.status_code == 200
+    (sent,) = _upstream_requests(local_server)
+    assert json.loads(sent.get_data())["messages"] == messages
+
+
+# --- invalid requests: 400 naming the field, nothing sent upstream ------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"data": "{not json", "content_type": "application/json"}, "body"),
+        ({"data": json.dumps({"messages": MESSAGES, "model": "m"}), "content_type": "text/plain"}, "body"),
+        ({"json": ["messages"]}, "body"),
+        ({"json": "hello"}, "body"),
+        ({"json": {"model": "gpt-4o"}}, "messages"),
+        ({"json": {"messages": [], "model": "gpt-4o"}}, "messages"),
+        ({"json": {"messages": "hi", "model": "gpt-4o"}}, "messages"),
+        ({"json": {"messages": ["hi"], "model": "gpt-4o"}}, "messages[0]"),
+        ({"json": {"messages": [{"content": "hi"}], "model": "gpt-4o"}}, "messages[0].role"),
+        ({"json": {"messages": [*MESSAGES, {"role": "wizard", "content": "x"}], "model": "m"}},
+         "messages[2].role"),
+        ({"json": {"messages": [{"role": "user"}], "model": "gpt-4o"}}, "messages[0].content"),
+        ({"json": {"messages": [{"role": "user", "content": 42}], "model": "gpt-4o"}}, "messages[0].content"),
+        ({"json": {"messages": MESSAGES}}, "model"),
+        ({"json": {"messages": MESSAGES, "model": "   "}}, "model"),
+        ({"json": {"messages": MESSAGES, "model": 4}}, "model"),
+        ({"json": {"messages": MESSAGES, "model": "m", "profile": 3}}, "profile"),
+        ({"json": {"messages": MESSAGES, "model": "m", "profile": ""}}, "profile"),
+    ],
+)  # fmt: skip
+def test_invalid_body_is_a_400_naming_the_field(chat_app, local_server, kwargs, field):
+    response = chat_app.test_client().post("/api/chat", **kwargs)
+
+    error = _assert_json_error(response, 400, "invalid_request")
+    assert error["field"] == field
+    assert field.split("[")[0].split(".")[0] in error["message"]
+    assert local_server.log == []
+
+
+def test_unknown_profile_is_a_400_listing_the_configured_ones(make_app, local_server):
+    app = make_app(
+        OPENAI_API_KEY=CANARY_KEY,
+        OPENAI_PROFILES={"local": {"base_url": local_server.url_for("/v1"), "api_key": "sk-" + "1" * 20}},
+    )
+
+    response = _post(app, {"messages": MESSAGES, "model": "m", "profile": "nope"})
+
+    error = _assert_json_error(response, 400, "invalid_request")
+    assert error["field"] == "profile"
+    assert "'nope'" in error["message"]
+    assert "'default'" in error["message"]
+    assert "'local'" in error["message"]
+    assert local_server.log == []
+
+
+def test_provider_not_configured_is_a_503_naming_the_setting(make_app, local_server):
+    app = make_app(OPENAI_BASE_URL=local_server.url_for("/v1"))
+
+    response = _post(app, {"messages": MESSAGES, "model": "gpt-4o"})
+
+    error = _assert_json_error(response, 503, "not_configured")
+    assert error["setting"] == "OPENAI_API_KEY"
+    assert "OPENAI_API_KEY" in error["message"]
+    assert local_server.log == []
+
+
+def test_profile_whose_key_variable_is_unset_is_a_503_naming_it(make_app, local_server):
+    app = make_app(
+        OPENAI_PROFILES={"local": {"base_url": local_server.url_for("/v1"), "api_key_env": "X_KEY"}}
+    )
+
+    response = _post(app, {"messages": MESSAGES, "model": "m", "profile": "local"})
+
+    error = _assert_json_error(response, 503, "not_configured")
+    assert error["setting"] == "X_KEY"
+
+
+# --- upstream errors -----------------------------------------------------------------------
+
+
+def test_upstream_401_is_a_502_that_never_shows_the_key(chat_app, local_server):
+    # Like OpenAI's real answer, the body quotes (part of) the key back.
+    local_server.expect_request(CHAT_PATH).respond_with_json(
+        {"error": {"message": f"Incorrect API key provided: {CANARY_KEY}.", "type": "invalid_request_error",
+                   "code": "invalid_api_key"}},
+        status=401,
+        headers={"X-Echo": CANARY_KEY},
+    )  # fmt: skip
+
+    response = _post(chat_app, {"messages": MESSAGES, "model": "gpt-4o"})
+
+    error = _assert_json_error(response, 502, "upstream_auth")
+    assert error["upstream_status"] == 401
+    assert CANARY_KEY not in response.get_data(as_text=True)
+    assert all(CANARY_KEY not in value for value in response.headers.values())
+    assert len(local_server.log) == 1
+
+
+def test_upstream_403_is_a_502(chat_app, local_server):
+    local_server.expect_request(CHAT_PATH).respond_with_json({"error": {"message": "no"}}, status=403)
+    error = _assert_json_error(_post(chat_app, {"messages": MESSAGES, "model": "m"}), 502, "upstream_auth")
+    assert error["upstream_status"] == 403
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "7"}, "7"),
+        ({"retry-after-ms": "2500"}, "3"),
+        ({"retry-after-ms": "2500", "Retry-After": "9"}, "3"),
+        ({"retry-after-ms": "soon", "Retry-After": "9"}, "9"),
+        ({"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}, "Wed, 21 Oct 2026 07:28:00 GMT"),
+    ],
+)
+def test_upstream_429_passes_retry_after_on(chat_app, local_server, headers, expected):
+    local_server.expect_request(CHAT_PATH).respond_with_json(
+        {"error": {"message": "Rate limit reached", "type": "requests"}}, status=429, headers=headers
+    )
+
+    response = _post(chat_app, {"messages": MESSAGES, "model": "gpt-4o"})
+
+    _assert_json_error(response, 429, "rate_limited")
+    assert response.headers["Retry-After"] == expected
+    assert len(local_server.log) == 1  # OPENAI_MAX_RETRIES=0: the SDK did not retry
+
+
+def test_upstream_429_without_retry_after_sends_none(chat_app, local_server):
+    local_server.expect_request(CHAT_PATH).respond_with_json({"error": {"message": "slow"}}, status=429)
+    response = _post(chat_app, {"messages": MESSAGES, "model": "gpt-4o"})
+    _assert_json_error(response, 429, "rate_limited")
+    assert "Retry-After" not in response.headers
+
+
+def test_upstream_timeout_is_a_504(make_app, local_server):
+    app = make_app(
+        OPENAI_API_KEY=CANARY_KEY,
+        OPENAI_BASE_URL=local_server.url_for("/v1"),
+        OPENAI_MAX_RETRIES=0,
+        OPENAI_TIMEOUT=0.3,
+    )
+
+    def slow(_request: Request) -> Response:
+        time.sleep(1.5)
+        return Response(json.dumps(chat_completion()), content_type="application/json")
+
+    local_server.expect_request(CHAT_PATH).respond_with_handler(slow)
+
+    started = time.monotonic()
+    response = _post(app, {"messages": MESSAGES, "model": "gpt-4o"})
+    elapsed = time.monotonic() - started
+
+    error = _assert_json_error(response, 504, "upstream_timeout")
+    assert "did not answer in time" in error["message"]
+    assert elapsed < 1.4  # gave up at the 0.3 s read timeout, not when the server answered
+    time.sleep(max(0.0, 1.6 - elapsed))  # let the handler finish before the server stops
+
+
+def test_upstream_500_is_a_502(chat_app, local_server):
+    local_server.expect_request(CHAT_PATH).respond_with_json(
+        {"error": {"message": "The server had an error"}}, status=500
+    )
+
+    error = _assert_json_error(_post(chat_app, {"messages": MESSAGES, "model": "m"}), 502, "upstream_error")
+
+    assert error["upstream_status"] == 500
+    assert len(local_server.log) == 1
+
+
+def test_upstream_connection_refused_is_a_502(make_app):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = make_app(
+        OPENAI_API_KEY=CANARY_KEY, OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1", OPENAI_MAX_RETRIES=0
+    )
+
+    response = _post(app, {"messages": MESSAGES, "model": "gpt-4o"})
+
+    error = _assert_json_error(response, 502, "upstream_unreachable")
+    assert "could not be reached" in error["message"]
+
+
+def test_upstream_404_is_a_400_with_the_providers_explanation(chat_app, local_server):
+    local_server.expect_request(CHAT_PATH).respond_with_json(
+        {"error": {"message": f"The model `gpt-9` does not exist (key {CANARY_KEY})",
+                   "type": "invalid_request_error", "code": "model_not_found"}},
+        status=404,
+    )  # fmt: skip
+
+    response = _post(chat_app, {"messages": MESSAGES, "model": "gpt-9"})
+
+    error = _assert_json_error(response, 400, "upstream_rejected")
+    assert error["upstream_status"] == 404
+    assert "The model `gpt-9` does not exist" in error["message"]
+    assert CANARY_KEY not in response.get_data(as_text=True)
+
+
+def test_upstream_4xx_without_a_json_body_says_no_detail(chat_app, local_server):
+    local_server.expect_request(CHAT_PATH).respond_with_data("nope", status=422, content_type="text/plain")
+
+    error = _assert_json_error(
+        _post(chat_app, {"messages": MESSAGES, "model": "m"}), 400, "upstream_rejected"
+    )
+
+    assert error["upstream_status"] == 422
+    assert error["message"].endswith("no detail")
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        ("{not json", "application/json"),
+        ("<html><body>Bad gateway</body></html>", "text/html"),
+        (json.dumps({"choices": "zzz"}), "application/json"),
+        (json.dumps({"id": "chatcmpl-1", "object": "chat.completion"}), "application/json"),
+    ],
+)
+def test_upstream_2xx_that_is_not_a_completion_is_a_502(chat_app, local_server, body, content_type):
+    local_server.expect_request(CHAT_PATH).respond_with_data(body, content_type=content_type)
+
+    response = _post(chat_app, {"messages": MESSAGES, "model": "m"})
+
+    error = _assert_json_error(response, 502, "upstream_error")
+    assert "could not be read" in error["message"]
+
+
+# --- routing and unexpected errors: JSON too ---------------------------------------------
+
+
+def test_unknown_api_route_is_a_json_404(client):
+    error = _assert_json_error(client.get("/api/nope"), 404, "not_found")
+    assert error["message"]
+
+
+def test_get_on_chat_is_a_json_405_with_allow(client):
+    response = client.get("/api/chat")
+
+    _assert_json_error(response, 405, "method_not_allowed")
+    allowed = {method.strip() for method in response.headers["Allow"].split(",")}
+    assert "POST" in allowed
+    assert "GET" not in allowed
+
+
+def test_unexpected_exception_is_a_json_500_without_traceback(make_app, caplog):
+    app = make_app()
+
+    @app.get("/api/boom")
+    def boom():
+        raise RuntimeError(f"database password is {CANARY_KEY}")
+
+    response = app.test_client().get("/api/boom")
+
+    error = _assert_json_error(response, 500, "internal_error")
+    assert error["message"] == "the server hit an unexpected error"
+    text = response.get_data(as_text=True)
+    assert "RuntimeError" not in text
+    assert CANARY_KEY not in text
+    assert "boom" not in text
+    # Operators still get the traceback, in the log.
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("unhandled error")]
+    assert record.exc_info is not None
