@@ -116,6 +116,10 @@ def run_checks(app: Flask) -> HealthReport:
                 )
             )
     static.extend(_provider_results(app))
+    # The first probe in a process may have to import SQLAlchemy and create the
+    # engine; that one-off cost is paid here, outside the timed checks, so a
+    # cold worker is not reported as having a slow database.
+    db_service.get_db()
     results = _run_probes(app, probes, timeout)
     checks = results + static
     worst: Status = max((c.status for c in checks), key=_RANK.__getitem__, default="pass")

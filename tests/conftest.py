@@ -18,7 +18,16 @@ from pytest_httpserver import HTTPServer
 from app import create_app
 from app.config import DEFAULTS
 from app.services import reset_services
-from tests.servers import PostgresServer, RedisServer, start_postgres, start_redis
+from tests.servers import (
+    KeepAliveServer,
+    PostgresServer,
+    RedisServer,
+    chat_completion,
+    start_postgres,
+    start_redis,
+)
+
+__all__ = ["CANARY_GEMINI_KEY", "CANARY_KEY", "ROOT", "chat_completion", "shared_dir"]
 
 #: A key that must never appear in any output. Tests configure it and grep for it.
 CANARY_KEY = "sk-canary-7f3a9c1e5b2d4f608a1b3c5d7e9f0a2b"
@@ -94,32 +103,22 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
+def keepalive_server() -> Iterator[KeepAliveServer]:
+    """An HTTP/1.1 server that keeps connections alive, like a real provider: shows connection reuse."""
+    server = KeepAliveServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def local_server() -> Iterator[HTTPServer]:
-    """A threaded HTTP server on 127.0.0.1: keeps connections alive, like a real provider."""
+    """A threaded pytest-httpserver on 127.0.0.1 (werkzeug closes every connection after a response)."""
     server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
     server.start()
     yield server
     server.clear()
     if server.is_running():
         server.stop()
-
-
-def chat_completion(content: str = "hello", model: str = "gpt-4o-mini") -> dict[str, Any]:
-    """A chat completion as the OpenAI API sends it."""
-    return {
-        "id": "chatcmpl-123",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": "stop",
-                "message": {"role": "assistant", "content": content, "refusal": None},
-            }
-        ],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-    }
 
 
 def shared_dir() -> Path | None:

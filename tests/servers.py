@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import pwd
 import secrets
@@ -16,9 +17,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -194,3 +199,121 @@ def start_postgres() -> PostgresServer:
         capture_output=True,
     )
     return server
+
+
+GEMINI_REPLY = {
+    "candidates": [{"content": {"parts": [{"text": "hi"}], "role": "model"}, "finishReason": "STOP"}],
+    "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4},
+}
+
+
+def chat_completion(content: str = "hello", model: str = "gpt-4o-mini") -> dict[str, Any]:
+    """A chat completion as the OpenAI API sends it."""
+    return {
+        "id": "chatcmpl-123",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content, "refusal": None},
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+    }
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    port: int
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+Responder = Callable[[Recorded], tuple[int, dict[str, str], bytes]]
+
+
+def default_responder(request: Recorded) -> tuple[int, dict[str, str], bytes]:
+    """Chat completions for OpenAI paths, a generateContent reply for Gemini paths."""
+    if request.path.split("?", 1)[0].endswith(":generateContent"):
+        return 200, {"Content-Type": "application/json"}, json.dumps(GEMINI_REPLY).encode()
+    if request.path.split("?", 1)[0].endswith("/chat/completions"):
+        model = request.json.get("model", "gpt-4o-mini") if request.body else "gpt-4o-mini"
+        return 200, {"Content-Type": "application/json"}, json.dumps(chat_completion("hi", model)).encode()
+    return 404, {"Content-Type": "application/json"}, b'{"error": {"message": "not found"}}'
+
+
+class KeepAliveServer:
+    """A threaded HTTP/1.1 server on 127.0.0.1 that keeps connections alive."""
+
+    def __init__(self, responder: Responder = default_responder) -> None:
+        self.requests: list[Recorded] = []
+        self.closed_ports: set[int] = set()
+        self.responder = responder
+        self._changed = threading.Condition()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                finally:
+                    with owner._changed:
+                        owner.closed_ports.add(self.client_address[1])
+                        owner._changed.notify_all()
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                request = Recorded(
+                    self.command,
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    self.rfile.read(length),
+                    self.client_address[1],
+                )
+                with owner._changed:
+                    owner.requests.append(request)
+                    owner._changed.notify_all()
+                status, headers, body = owner.responder(request)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def url_for(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_closed(self, port: int, timeout: float = 5.0) -> bool:
+        """Whether the client closed its connection from ``port`` (waits for it, up to ``timeout``)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: port in self.closed_ports, timeout)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -11,14 +11,11 @@ which connections the client closed.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import pickle
 import threading
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,113 +24,7 @@ from app.services import db_service
 from app.services.genai_service import get_genai_client
 from app.services.openai_service import get_async_openai_client, get_openai_client
 from app.services.redis_service import get_redis_client
-from tests.conftest import CANARY_GEMINI_KEY, CANARY_KEY, chat_completion
-
-GEMINI_REPLY = {
-    "candidates": [{"content": {"parts": [{"text": "hi"}], "role": "model"}, "finishReason": "STOP"}],
-    "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4},
-}
-
-
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    port: int
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-Responder = Callable[[Recorded], tuple[int, dict[str, str], bytes]]
-
-
-def default_responder(request: Recorded) -> tuple[int, dict[str, str], bytes]:
-    """Chat completions for OpenAI paths, a generateContent reply for Gemini paths."""
-    if request.path.split("?", 1)[0].endswith(":generateContent"):
-        return 200, {"Content-Type": "application/json"}, json.dumps(GEMINI_REPLY).encode()
-    if request.path.split("?", 1)[0].endswith("/chat/completions"):
-        model = request.json.get("model", "gpt-4o-mini") if request.body else "gpt-4o-mini"
-        return 200, {"Content-Type": "application/json"}, json.dumps(chat_completion("hi", model)).encode()
-    return 404, {"Content-Type": "application/json"}, b'{"error": {"message": "not found"}}'
-
-
-class KeepAliveServer:
-    """A threaded HTTP/1.1 server on 127.0.0.1 that keeps connections alive."""
-
-    def __init__(self, responder: Responder = default_responder) -> None:
-        self.requests: list[Recorded] = []
-        self.closed_ports: set[int] = set()
-        self.responder = responder
-        self._changed = threading.Condition()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def handle(self) -> None:
-                try:
-                    super().handle()
-                finally:
-                    with owner._changed:
-                        owner.closed_ports.add(self.client_address[1])
-                        owner._changed.notify_all()
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                request = Recorded(
-                    self.command,
-                    self.path,
-                    {k.lower(): v for k, v in self.headers.items()},
-                    self.rfile.read(length),
-                    self.client_address[1],
-                )
-                with owner._changed:
-                    owner.requests.append(request)
-                    owner._changed.notify_all()
-                status, headers, body = owner.responder(request)
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def url_for(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def wait_closed(self, port: int, timeout: float = 5.0) -> bool:
-        """Whether the client closed its connection from ``port`` (waits for it, up to ``timeout``)."""
-        with self._changed:
-            return self._changed.wait_for(lambda: port in self.closed_ports, timeout)
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-@pytest.fixture
-def keepalive_server() -> Iterator[KeepAliveServer]:
-    server = KeepAliveServer()
-    yield server
-    server.stop()
+from tests.conftest import CANARY_GEMINI_KEY, CANARY_KEY
 
 
 def run_in_child(work: Callable[[], Any]) -> Any:

@@ -17,7 +17,6 @@ from app.services.genai_service import get_genai_client, reset_genai_client
 from app.services.openai_service import get_async_openai_client, get_openai_client, reset_openai_client
 from app.services.redis_service import get_redis_client, reset_redis_client
 from tests.conftest import CANARY_GEMINI_KEY, CANARY_KEY, ROOT, chat_completion
-from tests.test_fork_threads import KeepAliveServer
 
 SERVICES = {
     "db_service": db_service,
@@ -36,13 +35,6 @@ def other_server() -> Iterator[HTTPServer]:
     server.start()
     yield server
     server.clear()
-    server.stop()
-
-
-@pytest.fixture
-def keepalive_server() -> Iterator[KeepAliveServer]:
-    server = KeepAliveServer()
-    yield server
     server.stop()
 
 

@@ -218,13 +218,18 @@ def _create() -> None:
         @property
         def engines(self) -> Mapping[str | None, Engine]:
             app = current_app._get_current_object()  # type: ignore[attr-defined]
-            if app.extensions.get("sqlalchemy") is not self and EXTENSION_KEY in app.extensions:
+            connector = app.extensions.get(EXTENSION_KEY)
+            # ``connector.engines`` is published last: Flask-SQLAlchemy registers
+            # itself in app.extensions before it has created the engines, so that
+            # entry cannot tell other threads that the attach is complete.
+            if isinstance(connector, DatabaseConnector) and not connector.attached:
                 with _lock:
-                    if app.extensions.get("sqlalchemy") is not self:
-                        _attach(self, app)
-                        connector: DatabaseConnector = app.extensions[EXTENSION_KEY]
-                        connector.engines = list(super().engines.values())
+                    if not connector.attached:
+                        if app.extensions.get("sqlalchemy") is not self:
+                            _attach(self, app)
+                        engines = list(super().engines.values())
                         _attached.add(connector)
+                        connector.engines = engines
             return super().engines
 
     _db = ServicesSQLAlchemy(add_models_to_shell=False)
