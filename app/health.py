@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from flask import Flask
 
@@ -30,6 +30,9 @@ from app.connectors.redis_connector import EXTENSION_KEY as REDIS_KEY
 from app.connectors.redis_connector import RedisConnector
 from app.redaction import redact
 from app.services import db_service
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 Status = Literal["pass", "warn", "fail"]
 _RANK: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
@@ -146,39 +149,20 @@ def _run_probes(app: Flask, probes: list[_Probe], timeout: float) -> list[CheckR
         executor.shutdown(wait=False, cancel_futures=True)
     results = []
     for probe, future in zip(probes, futures, strict=True):
-        failed: Status = "fail" if probe.required else "warn"
-        if not future.done():
-            results.append(
-                CheckResult(
-                    probe.component,
-                    probe.component_type,
-                    "responseTime",
-                    failed,
-                    output=f"no answer within {timeout:g} s",
-                )
-            )
-        elif (error := future.exception()) is not None:
-            results.append(
-                CheckResult(
-                    probe.component,
-                    probe.component_type,
-                    "responseTime",
-                    failed,
-                    output=redact(f"{type(error).__name__}: {error}".splitlines()[0]),
-                )
-            )
-        else:
-            results.append(
-                CheckResult(
-                    probe.component,
-                    probe.component_type,
-                    "responseTime",
-                    "pass",
-                    round(future.result(), 2),
-                    "ms",
-                )
-            )
+        outcome = _outcome(future, timeout, "fail" if probe.required else "warn")
+        results.append(CheckResult(probe.component, probe.component_type, "responseTime", *outcome))
     return results
+
+
+def _outcome(
+    future: Future[float], timeout: float, failed: Status
+) -> tuple[Status, float | None, str | None, str | None]:
+    """(status, observed value, unit, output) of one finished, failed or unfinished probe."""
+    if not future.done():
+        return failed, None, None, f"no answer within {timeout:g} s"
+    if (error := future.exception()) is not None:
+        return failed, None, None, redact(f"{type(error).__name__}: {error}".splitlines()[0])
+    return "pass", round(future.result(), 2), "ms", None
 
 
 def _provider_results(app: Flask) -> list[CheckResult]:

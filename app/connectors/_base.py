@@ -121,6 +121,52 @@ class Connector(ABC):
         """Validate ``config`` again so that the next client is built from it (before a reset)."""
 
 
+SettingsT = TypeVar("SettingsT")
+
+
+class SingleClientConnector(Connector, Generic[SettingsT, ClientT]):
+    """A connector with one client, built lazily from one settings object.
+
+    Subclasses say how settings are parsed from config and how the client is
+    built and closed; this class holds them and the :class:`LazyClient`.
+    """
+
+    def __init__(self, settings: SettingsT) -> None:
+        self.settings = settings
+        self._client: LazyClient[ClientT] = LazyClient(self._build, self.close_client)
+
+    def _build(self) -> ClientT:
+        return self.build_client(self.settings)  # the settings of the moment, after a reconfigure
+
+    @staticmethod
+    @abstractmethod
+    def parse_settings(config: Mapping[str, Any]) -> SettingsT:
+        """Validate the service's keys in ``config``."""
+
+    @staticmethod
+    @abstractmethod
+    def build_client(settings: SettingsT) -> ClientT:
+        """Build the client (importing its SDK)."""
+
+    @staticmethod
+    @abstractmethod
+    def close_client(client: ClientT) -> None:
+        """Close the client's connections."""
+
+    def reconfigure(self, config: Mapping[str, Any]) -> None:
+        self.settings = self.parse_settings(config)
+
+    def client(self) -> ClientT:
+        return self._client.get()
+
+    @property
+    def built(self) -> bool:
+        return self._client.built
+
+    def reset(self) -> None:
+        self._client.reset()
+
+
 def register(app: Flask, connector: Connector) -> None:
     """Attach ``connector`` to ``app``; a second registration is a mistake worth a clear error."""
     key = connector.extension_key

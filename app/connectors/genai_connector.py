@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from app.config import get_bool, get_seconds, get_str
-from app.connectors._base import Connector, LazyClient, current_connector, reset_registered
+from app.connectors._base import SingleClientConnector, current_connector, reset_registered
 from app.errors import ServiceNotConfiguredError
 from app.redaction import Secret, redact_url, register_secret
 
@@ -99,26 +99,16 @@ def build_genai_client(settings: GenAISettings) -> Client:
     return genai.Client(api_key=settings.api_key.reveal(), http_options=http_options)
 
 
-def _close(client: Client) -> None:
+def close_genai_client(client: Client) -> None:
     client.close()
 
 
-class GenAIConnector(Connector):
+class GenAIConnector(SingleClientConnector[GenAISettings, "Client"]):
     extension_key = EXTENSION_KEY
     accessor = "get_genai_client()"
-
-    def __init__(self, settings: GenAISettings) -> None:
-        self.settings = settings
-        self._client = LazyClient(lambda: build_genai_client(self.settings), _close)
-
-    def reconfigure(self, config: Mapping[str, Any]) -> None:
-        self.settings = parse_genai_settings(config)
-
-    def client(self) -> Client:
-        return self._client.get()
-
-    def reset(self) -> None:
-        self._client.reset()
+    parse_settings = staticmethod(parse_genai_settings)
+    build_client = staticmethod(build_genai_client)
+    close_client = staticmethod(close_genai_client)
 
     def info(self) -> dict[str, Any]:
         settings = self.settings
@@ -129,7 +119,7 @@ class GenAIConnector(Connector):
                 "endpoint": settings.endpoint,
                 "timeout": settings.timeout,
                 "missing": settings.missing,
-                "client_built": self._client.built,
+                "client_built": self.built,
             }
         }
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from app.config import get_count, get_seconds, get_str
-from app.connectors._base import Connector, LazyClient, current_connector, reset_registered
+from app.connectors._base import SingleClientConnector, current_connector, reset_registered
 from app.errors import ConfigError, ServiceNotConfiguredError
 from app.redaction import Secret, redact_url, register_secret
 
@@ -75,31 +75,21 @@ def build_redis_client(settings: RedisSettings) -> Redis:
     )
 
 
-def _close(client: Redis) -> None:
+def close_redis_client(client: Redis) -> None:
     client.connection_pool.disconnect()
     client.close()
 
 
-class RedisConnector(Connector):
+class RedisConnector(SingleClientConnector[RedisSettings, "Redis"]):
     extension_key = EXTENSION_KEY
     accessor = "get_redis_client()"
-
-    def __init__(self, settings: RedisSettings) -> None:
-        self.settings = settings
-        self._client = LazyClient(lambda: build_redis_client(self.settings), _close)
-
-    def reconfigure(self, config: Mapping[str, Any]) -> None:
-        self.settings = parse_redis_settings(config)
+    parse_settings = staticmethod(parse_redis_settings)
+    build_client = staticmethod(build_redis_client)
+    close_client = staticmethod(close_redis_client)
 
     @property
     def configured(self) -> bool:
         return self.settings.url is not None
-
-    def client(self) -> Redis:
-        return self._client.get()
-
-    def reset(self) -> None:
-        self._client.reset()
 
     def info(self) -> dict[str, Any]:
         settings = self.settings
@@ -111,7 +101,7 @@ class RedisConnector(Connector):
                 "connect_timeout": settings.connect_timeout,
                 "max_retries": settings.max_retries,
                 "missing": None if self.configured else "REDIS_URL",
-                "client_built": self._client.built,
+                "client_built": self.built,
             }
         }
 
