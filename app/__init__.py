@@ -45,6 +45,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     init_services(app)
 
+    from app import llm
+
+    llm.init_app(app)
+
     from app import api, probes
     from app.cli import LazyMigrateGroup, services_cli
 

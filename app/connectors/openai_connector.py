@@ -130,7 +130,7 @@ def parse_openai_settings(config: Mapping[str, Any]) -> dict[str, OpenAIProfile]
             raise ConfigError(
                 f"{where} has unknown settings {unknown}; expected some of {sorted(PROFILE_KEYS)}"
             )
-        preset = dict(PRESETS.get(name, {}))
+        preset = dict(_presets(config).get(name, {}))
         if raw.get("api_key"):  # a key given inline replaces the preset's key variable
             preset.pop("api_key_env", None)
         if raw.get("azure_endpoint"):
@@ -146,9 +146,21 @@ def parse_openai_settings(config: Mapping[str, Any]) -> dict[str, OpenAIProfile]
                 **settings,
             }  # fmt: skip
         profiles[name] = _parse_profile(name, where, settings, config, timeout, connect_timeout, max_retries)
+    if "ollama" not in profiles and get_str(config, "OLLAMA_HOST"):
+        profiles["ollama"] = _parse_profile(
+            "ollama", "OLLAMA_HOST", _presets(config)["ollama"], config, timeout, connect_timeout, max_retries
+        )
     for profile in profiles.values():
         register_secret(profile.api_key)
     return profiles
+
+
+def _presets(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The well-known presets, with Ollama's URL following ``OLLAMA_HOST`` when it is set."""
+    host = get_str(config, "OLLAMA_HOST")
+    if host is None:
+        return PRESETS
+    return {**PRESETS, "ollama": {"base_url": host.rstrip("/") + "/v1"}}
 
 
 def _parse_profile(

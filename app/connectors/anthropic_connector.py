@@ -1,0 +1,233 @@
+"""Anthropic through its own SDK (the optional extra ``pip install .[anthropic]``).
+
+Same contract as the other connectors: validated at start, the client built
+on first use once per app and per process, 60 s read / 5 s connect by
+default (the SDK's is 600 s). Async clients are built once per event loop
+(an ``AsyncAnthropic`` pool belongs to the loop that opened its
+connections), forgotten in a forked child and closed by a reset.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from app.config import get_count, get_seconds, get_str
+from app.connectors._base import (
+    SingleClientConnector,
+    current_connector,
+    keep_inherited,
+    on_fork_in_child,
+    reset_registered,
+)
+from app.errors import ServiceNotConfiguredError
+from app.redaction import Secret, redact_url, register_secret
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from anthropic import Anthropic, AsyncAnthropic
+    from flask import Flask
+
+EXTENSION_KEY = "anthropic_service"
+DEFAULT_ENDPOINT = "https://api.anthropic.com"
+
+
+@dataclass(frozen=True)
+class AnthropicSettings:
+    api_key: Secret | None
+    base_url: str | None = field(repr=False, default=None)
+    timeout: float = 60.0
+    connect_timeout: float = 5.0
+    max_retries: int = 2
+
+    @property
+    def endpoint(self) -> str:
+        return redact_url(self.base_url or DEFAULT_ENDPOINT)
+
+
+def parse_anthropic_settings(config: Mapping[str, Any]) -> AnthropicSettings:
+    key = get_str(config, "ANTHROPIC_API_KEY")
+    settings = AnthropicSettings(
+        api_key=Secret(key) if key else None,
+        base_url=get_str(config, "ANTHROPIC_BASE_URL"),
+        timeout=get_seconds(config, "ANTHROPIC_TIMEOUT"),
+        connect_timeout=get_seconds(config, "ANTHROPIC_CONNECT_TIMEOUT"),
+        max_retries=get_count(config, "ANTHROPIC_MAX_RETRIES"),
+    )
+    register_secret(settings.api_key)
+    return settings
+
+
+def _client_kwargs(settings: AnthropicSettings) -> dict[str, Any]:
+    if settings.api_key is None:
+        raise ServiceNotConfiguredError("Anthropic", "ANTHROPIC_API_KEY")
+    try:
+        import anthropic
+    except ImportError:
+        raise ServiceNotConfiguredError(
+            "Anthropic", "the anthropic package", "install the extra: pip install '.[anthropic]'"
+        ) from None
+    return {
+        "api_key": settings.api_key.reveal(),
+        "base_url": settings.base_url,
+        "timeout": anthropic.Timeout(settings.timeout, connect=settings.connect_timeout),
+        "max_retries": settings.max_retries,
+    }
+
+
+def build_anthropic_client(settings: AnthropicSettings) -> Anthropic:
+    import anthropic
+
+    return anthropic.Anthropic(**_client_kwargs(settings))
+
+
+def build_async_anthropic_client(settings: AnthropicSettings) -> AsyncAnthropic:
+    kwargs = _client_kwargs(settings)  # first: a missing key fails before the SDK loads further
+    import anthropic
+
+    return anthropic.AsyncAnthropic(**kwargs)
+
+
+def close_anthropic_client(client: Anthropic) -> None:
+    client.close()
+
+
+class _AsyncClients:
+    """The connector's async clients, one per event loop, keyed weakly by loop.
+
+    Flask runs each async view in a loop of its own; a client shared across
+    loops ends in "Event loop is closed". A client asked for outside any loop
+    is kept apart and closed with ``asyncio.run`` on reset.
+    """
+
+    def __init__(self, connector: AnthropicConnector) -> None:
+        self._connector = weakref.ref(connector)
+        self._lock = threading.Lock()
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncAnthropic] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._outside_loop: AsyncAnthropic | None = None
+
+    def get(self) -> AsyncAnthropic:
+        import asyncio  # only async callers pay for it
+
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            client = self._outside_loop if loop is None else self._by_loop.get(loop)
+            if client is None:
+                connector = self._connector()
+                assert connector is not None  # the connector owns this object
+                client = build_async_anthropic_client(connector.settings)
+                if loop is None:
+                    self._outside_loop = client
+                else:
+                    self._by_loop[loop] = client
+            return client
+
+    @property
+    def built(self) -> bool:
+        return self._outside_loop is not None or len(self._by_loop) > 0
+
+    def reset(self) -> None:
+        with self._lock:
+            clients = list(self._by_loop.items())
+            self._by_loop.clear()
+            outside, self._outside_loop = self._outside_loop, None
+        for loop, client in clients:
+            if loop.is_closed():
+                continue  # its transports died with the loop
+            if loop.is_running():
+                loop.call_soon_threadsafe(_schedule_close, loop, client)
+            else:
+                loop.run_until_complete(client.close())
+        if outside is not None:
+            import asyncio
+
+            asyncio.run(outside.close())
+
+    def forget_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        inherited = [c for c in (*self._by_loop.values(), self._outside_loop) if c is not None]
+        if inherited:
+            keep_inherited(inherited)
+        self._by_loop = weakref.WeakKeyDictionary()
+        self._outside_loop = None
+
+
+def _schedule_close(loop: asyncio.AbstractEventLoop, client: AsyncAnthropic) -> None:
+    loop.create_task(client.close())
+
+
+class AnthropicConnector(SingleClientConnector[AnthropicSettings, "Anthropic"]):
+    extension_key = EXTENSION_KEY
+    accessor = "get_anthropic_client()"
+    parse_settings = staticmethod(parse_anthropic_settings)
+    build_client = staticmethod(build_anthropic_client)
+    close_client = staticmethod(close_anthropic_client)
+
+    def __init__(self, settings: AnthropicSettings) -> None:
+        super().__init__(settings)
+        self._async = _AsyncClients(self)
+        _all_connectors.add(self)
+
+    def async_client(self) -> AsyncAnthropic:
+        """The async client of the running event loop, built on first use in that loop."""
+        return self._async.get()
+
+    @property
+    def built(self) -> bool:
+        return self._client.built or self._async.built
+
+    def reset(self) -> None:
+        super().reset()
+        self._async.reset()
+
+    def info(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "anthropic": {
+                "configured": settings.api_key is not None,
+                "endpoint": settings.endpoint,
+                "timeout": settings.timeout,
+                "connect_timeout": settings.connect_timeout,
+                "max_retries": settings.max_retries,
+                "missing": None if settings.api_key else "ANTHROPIC_API_KEY",
+                "client_built": self.built,
+            }
+        }
+
+
+_all_connectors: weakref.WeakSet[AnthropicConnector] = weakref.WeakSet()
+
+
+def _forget_async_after_fork() -> None:
+    for connector in list(_all_connectors):
+        connector._async.forget_after_fork()
+
+
+on_fork_in_child(_forget_async_after_fork)
+
+
+def current_anthropic_connector() -> AnthropicConnector:
+    return current_connector(EXTENSION_KEY, AnthropicConnector.accessor, AnthropicConnector)
+
+
+def get_anthropic_client() -> Anthropic:
+    """The current app's Anthropic client, built on first use in this process."""
+    return current_anthropic_connector().client()
+
+
+def get_async_anthropic_client() -> AsyncAnthropic:
+    """The current app's async Anthropic client for the running event loop."""
+    return current_anthropic_connector().async_client()
+
+
+def reset_anthropic_client(app: Flask | None = None) -> None:
+    reset_registered(EXTENSION_KEY, app)

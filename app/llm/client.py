@@ -1,0 +1,343 @@
+"""The one interface views call: ``get_llm().chat(messages, model="provider/model")``.
+
+:class:`LLM` validates the call once (messages, tools, tool choice), resolves
+the provider from the model's prefix, and hands a :class:`ChatRequest` to that
+provider's adapter. Adapters, and the SDKs behind them, are imported on first
+use of their provider, and use the services' clients
+(``get_openai_client(profile)``, ``get_genai_client()``), so they inherit
+their laziness, fork safety and reset.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, current_app
+
+from app.config import get_str
+from app.connectors._base import register
+from app.connectors.anthropic_connector import AnthropicConnector, parse_anthropic_settings
+from app.errors import ConfigError, ServiceNotConfiguredError, UnknownProfileError
+from app.llm.errors import LLMBadRequestError, LLMError, LLMNotConfiguredError
+from app.llm.providers.base import ChatRequest, EmbedRequest, Provider
+from app.llm.streaming import AsyncChatStream, ChatStream
+from app.llm.structured import is_response_format, parse_structured
+from app.llm.tools import normalise_tool_choice, normalise_tools
+from app.llm.types import ChatResponse, normalise_messages
+
+if TYPE_CHECKING:
+    from app.llm.ollama import OllamaManager
+
+EXTENSION_KEY = "llm"
+OPENAI_PROVIDER = "openai"  # addresses the "default" OpenAI profile
+
+
+def split_model(model: str, *, setting: str = "model") -> tuple[str, str]:
+    """``"openrouter/meta-llama/llama-3-70b"`` -> ``("openrouter", "meta-llama/llama-3-70b")``."""
+    provider, sep, name = model.partition("/")
+    if not sep or not provider or not name:
+        raise LLMBadRequestError(
+            f"{setting} must be 'provider/model' (e.g. 'openai/gpt-4o-mini'), got {model!r}"
+        )
+    return provider, name
+
+
+class LLM:
+    """One app's LLM layer: provider resolution and the calls."""
+
+    def __init__(self, app: Flask, default_model: str | None) -> None:
+        self._app = weakref.ref(app)
+        self.default_model = default_model
+        self._providers: dict[str, Provider] = {}
+        self._custom: dict[str, Callable[[str], Provider]] = {}
+        self._lock = threading.Lock()
+
+    # --- providers ---------------------------------------------------------
+
+    def register_provider(self, name: str, factory: Callable[[str], Provider] | Provider) -> None:
+        """Address another provider as ``name/model`` (``app.llm.testing`` registers ``fake``)."""
+        with self._lock:
+            self._custom[name] = (
+                factory
+                if callable(factory) and not isinstance(factory, Provider)
+                else (
+                    lambda _name, p=factory: p  # type: ignore[misc]
+                )
+            )
+            self._providers.pop(name, None)
+
+    def provider_names(self) -> list[str]:
+        """Every provider this app can address (configured or not)."""
+        app = self._app()
+        profiles = (
+            app.extensions["openai_service"].profiles if app and "openai_service" in app.extensions else {}
+        )
+        names = {
+            OPENAI_PROVIDER,
+            *(p for p in profiles if p != "default"),
+            "gemini",
+            "anthropic",
+            *self._custom,
+        }
+        return sorted(names)
+
+    def provider(self, name: str) -> Provider:
+        provider = self._providers.get(name)
+        if provider is not None:
+            return provider
+        with self._lock:
+            if name not in self._providers:
+                self._providers[name] = self._make_provider(name)
+            return self._providers[name]
+
+    def _make_provider(self, name: str) -> Provider:
+        if name in self._custom:
+            return self._custom[name](name)
+        if name == "gemini":
+            from app.llm.providers.gemini_provider import GeminiProvider
+
+            return GeminiProvider(name)
+        if name == "anthropic":
+            from app.llm.providers.anthropic_provider import AnthropicProvider
+
+            return AnthropicProvider(name)
+        app = self._app()
+        profiles = (
+            app.extensions["openai_service"].profiles if app and "openai_service" in app.extensions else {}
+        )
+        if name == OPENAI_PROVIDER or (name in profiles and name != "default"):
+            from app.llm.providers.openai_provider import OpenAIProvider
+
+            return OpenAIProvider(name, profile="default" if name == OPENAI_PROVIDER else name)
+        raise LLMNotConfiguredError(
+            f"unknown provider {name!r}; known providers: {', '.join(self.provider_names())}"
+            " (OpenAI-compatible ones come from OPENAI_PROFILES)",
+            provider=name,
+            setting="OPENAI_PROFILES",
+        )
+
+    # --- requests ----------------------------------------------------------
+
+    def _request(
+        self,
+        messages: Any,
+        model: str | None,
+        temperature: float | None,
+        max_tokens: int | None,
+        tools: Sequence[Any] | None,
+        tool_choice: Any,
+        response_format: Any,
+        user: str | None,
+    ) -> tuple[Provider, ChatRequest]:
+        address = model or self.default_model
+        if not address:
+            raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set")
+        provider_name, model_name = split_model(address)
+        context: dict[str, Any] = {"provider": provider_name, "model": model_name}
+        try:
+            normalised = normalise_messages(messages)
+            specs = normalise_tools(tools)
+            choice = normalise_tool_choice(tool_choice, specs)
+        except LLMBadRequestError as exc:
+            raise LLMBadRequestError(exc.message, **context) from None
+        if response_format is not None and not is_response_format(response_format):
+            raise LLMBadRequestError(
+                "response_format must be a pydantic model class or a JSON schema dict", **context
+            )
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise LLMBadRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}", **context)
+        provider = self.provider(provider_name)
+        request = ChatRequest(
+            provider=provider_name,
+            model=model_name,
+            messages=normalised,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            tools=specs,
+            tool_choice=choice,
+            response_format=response_format,
+            user=user,
+        )
+        return provider, request
+
+    @staticmethod
+    def _typed(provider: Provider, exc: BaseException, context: dict[str, Any]) -> LLMError:
+        if isinstance(exc, LLMError):
+            return exc
+        if isinstance(exc, ServiceNotConfiguredError):
+            return LLMNotConfiguredError(str(exc), setting=exc.setting, **context)
+        if isinstance(exc, UnknownProfileError):
+            return LLMNotConfiguredError(str(exc), setting="OPENAI_PROFILES", **context)
+        return provider.map_error(exc, context)
+
+    def _finish(self, request: ChatRequest, response: ChatResponse, started: float) -> ChatResponse:
+        response.latency_ms = (time.perf_counter() - started) * 1000
+        if request.response_format is not None and not response.tool_calls and response.parsed is None:
+            response.parsed = parse_structured(request.response_format, response.content, **request.context())
+        return response
+
+    # --- the API -----------------------------------------------------------
+
+    def chat(
+        self,
+        messages: Any,
+        model: str | None = None,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: Any = None,
+        response_format: Any = None,
+        user: str | None = None,
+    ) -> ChatResponse:
+        provider, request = self._request(
+            messages, model, temperature, max_tokens, tools, tool_choice, response_format, user
+        )
+        started = time.perf_counter()
+        try:
+            response = provider.chat(request)
+        except Exception as exc:
+            raise self._typed(provider, exc, request.context()) from exc
+        return self._finish(request, response, started)
+
+    def chat_stream(
+        self,
+        messages: Any,
+        model: str | None = None,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: Any = None,
+        response_format: Any = None,
+        user: str | None = None,
+    ) -> ChatStream:
+        provider, request = self._request(
+            messages, model, temperature, max_tokens, tools, tool_choice, response_format, user
+        )
+        context = request.context()
+        try:
+            events = provider.stream(request)
+        except Exception as exc:
+            raise self._typed(provider, exc, context) from exc
+        return ChatStream(request, events, lambda exc: self._typed(provider, exc, context))
+
+    def embed(self, inputs: Sequence[str], model: str | None = None) -> list[list[float]]:
+        provider, request = self._embed_request(inputs, model)
+        try:
+            return provider.embed(request)
+        except Exception as exc:
+            raise self._typed(provider, exc, request.context()) from exc
+
+    async def achat(
+        self,
+        messages: Any,
+        model: str | None = None,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: Any = None,
+        response_format: Any = None,
+        user: str | None = None,
+    ) -> ChatResponse:
+        provider, request = self._request(
+            messages, model, temperature, max_tokens, tools, tool_choice, response_format, user
+        )
+        started = time.perf_counter()
+        try:
+            response = await provider.achat(request)
+        except Exception as exc:
+            raise self._typed(provider, exc, request.context()) from exc
+        return self._finish(request, response, started)
+
+    def achat_stream(
+        self,
+        messages: Any,
+        model: str | None = None,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: Any = None,
+        response_format: Any = None,
+        user: str | None = None,
+    ) -> AsyncChatStream:
+        provider, request = self._request(
+            messages, model, temperature, max_tokens, tools, tool_choice, response_format, user
+        )
+        context = request.context()
+        return AsyncChatStream(
+            request, provider.astream(request), lambda exc: self._typed(provider, exc, context)
+        )
+
+    async def aembed(self, inputs: Sequence[str], model: str | None = None) -> list[list[float]]:
+        provider, request = self._embed_request(inputs, model)
+        try:
+            return await provider.aembed(request)
+        except Exception as exc:
+            raise self._typed(provider, exc, request.context()) from exc
+
+    def _embed_request(self, inputs: Sequence[str], model: str | None) -> tuple[Provider, EmbedRequest]:
+        address = model or self.default_model
+        if not address:
+            raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set")
+        provider_name, model_name = split_model(address)
+        if isinstance(inputs, str) or not inputs or not all(isinstance(i, str) for i in inputs):
+            raise LLMBadRequestError(
+                "inputs must be a non-empty list of strings", provider=provider_name, model=model_name
+            )
+        return self.provider(provider_name), EmbedRequest(provider_name, model_name, list(inputs))
+
+    def list_models(self, provider: str) -> list[str]:
+        adapter = self.provider(provider)
+        try:
+            return adapter.list_models()
+        except Exception as exc:
+            raise self._typed(adapter, exc, {"provider": provider, "model": None}) from exc
+
+    @property
+    def ollama(self) -> OllamaManager:
+        """Ollama's native API at ``OLLAMA_HOST``: is_available, list/has/pull/ensure models."""
+        from app.llm.ollama import OllamaManager
+
+        app = self._app()
+        assert app is not None
+        return OllamaManager.for_app(app)
+
+
+def init_app(app: Flask) -> None:
+    """Validate the LLM settings and register the layer (and the Anthropic client service)."""
+    default_model = get_str(app.config, "LLM_DEFAULT_MODEL")
+    if default_model is not None:
+        try:
+            split_model(default_model, setting="LLM_DEFAULT_MODEL")
+        except LLMBadRequestError as exc:
+            raise ConfigError(exc.message) from None
+    host = get_str(app.config, "OLLAMA_HOST")
+    if host is not None and not host.startswith(("http://", "https://")):
+        raise ConfigError(f"OLLAMA_HOST must be an http:// or https:// URL, got {host!r}")
+    if "anthropic_service" not in app.extensions:
+        register(app, AnthropicConnector(parse_anthropic_settings(app.config)))
+    if EXTENSION_KEY in app.extensions:
+        raise RuntimeError(f"app.llm.init_app() was already called on app {app.name!r}")
+    app.extensions[EXTENSION_KEY] = LLM(app, default_model)
+
+
+def get_llm() -> LLM:
+    """The current app's LLM layer."""
+    try:
+        extensions: Mapping[str, Any] = current_app.extensions
+    except RuntimeError:
+        raise RuntimeError(
+            "get_llm() needs an application context: call it inside a view or a `flask` command,"
+            " or wrap the call in `with app.app_context():`"
+        ) from None
+    llm = extensions.get(EXTENSION_KEY)
+    if not isinstance(llm, LLM):
+        raise RuntimeError("get_llm(): the LLM layer is not registered; call app.llm.init_app(app)")
+    return llm

@@ -1,0 +1,180 @@
+"""Typed errors for every provider: what a view needs to decide, nothing it must parse.
+
+Everything the LLM layer raises is an :class:`LLMError` carrying ``provider``,
+``model``, ``status_code`` and ``retry_after`` (seconds, from
+``retry-after-ms``, ``Retry-After`` in seconds or as a date, or Gemini's
+``RetryInfo``), with the SDK's exception chained as ``__cause__``. Messages
+pass through :func:`app.redaction.redact`, so they never carry a key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from app.redaction import redact
+
+
+class LLMError(Exception):
+    """Base of every error the LLM layer raises."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.message = redact(message)
+        self.provider = provider
+        self.model = model
+        self.status_code = status_code
+        self.retry_after = retry_after
+        where = f"{provider}/{model}" if provider and model else provider or model
+        super().__init__(f"{where}: {self.message}" if where else self.message)
+
+
+class LLMAuthError(LLMError):
+    """401: the key is missing, wrong or revoked."""
+
+
+class LLMPermissionError(LLMError):
+    """403: the key may not use this model or resource."""
+
+
+class LLMNotFoundError(LLMError):
+    """404: no such model (or deployment)."""
+
+
+class LLMBadRequestError(LLMError):
+    """400/422: the request is invalid (the layer's own validation raises it too)."""
+
+
+class LLMContextLengthError(LLMBadRequestError):
+    """The prompt (plus max_tokens) exceeds the model's context window."""
+
+
+class LLMContentFilterError(LLMBadRequestError):
+    """The provider refused the request on content-policy grounds."""
+
+
+class LLMRateLimitError(LLMError):
+    """429 (or a quota error): slow down; ``retry_after`` says for how long when known."""
+
+
+class LLMTimeoutError(LLMError):
+    """No answer within the timeout."""
+
+
+class LLMConnectionError(LLMError):
+    """The provider could not be reached, or the connection broke."""
+
+
+class LLMServerError(LLMError):
+    """5xx (and Anthropic's 529 overloaded): the provider failed."""
+
+
+class LLMResponseError(LLMError):
+    """The provider answered, but the answer is malformed: bad JSON arguments, invalid structured output.
+
+    ``raw_text`` keeps what the model sent.
+    """
+
+    def __init__(self, message: str, *, raw_text: str | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.raw_text = raw_text
+
+
+class LLMNotConfiguredError(LLMError):
+    """The provider is unknown, or a setting it needs is missing (named in ``setting``)."""
+
+    def __init__(self, message: str, *, setting: str | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.setting = setting
+
+
+def error_for_status(status: int | None) -> type[LLMError]:
+    """The error class for an HTTP status."""
+    if status is None:
+        return LLMError
+    return {
+        400: LLMBadRequestError,
+        401: LLMAuthError,
+        403: LLMPermissionError,
+        404: LLMNotFoundError,
+        408: LLMTimeoutError,
+        413: LLMContextLengthError,
+        422: LLMBadRequestError,
+        429: LLMRateLimitError,
+    }.get(status, LLMServerError if status >= 500 else LLMBadRequestError if status >= 400 else LLMError)
+
+
+_CONTEXT_PATTERNS = re.compile(
+    r"context[_ ]length|context window|maximum context|too many tokens|prompt is too long"
+    r"|exceeds the maximum number of tokens|input token count.*exceeds|reduce the length",
+    re.IGNORECASE,
+)
+_FILTER_PATTERNS = re.compile(r"content[_ ]?(filter|policy|management)|safety|responsible ai", re.IGNORECASE)
+
+
+def refine_bad_request(cls: type[LLMError], code: str | None, message: str) -> type[LLMError]:
+    """A 400 that is really a context-length or content-filter error, by its code or message."""
+    if cls is not LLMBadRequestError:
+        return cls
+    text = f"{code or ''} {message}"
+    if _CONTEXT_PATTERNS.search(text):
+        return LLMContextLengthError
+    if _FILTER_PATTERNS.search(text):
+        return LLMContentFilterError
+    return cls
+
+
+def retry_after_from_headers(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds to wait, from ``retry-after-ms``, or ``retry-after`` in seconds or as an HTTP date."""
+    if not headers:
+        return None
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            value = float(millis) / 1000
+            if math.isfinite(value) and value >= 0:
+                return value
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        seconds = float(raw)
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+def retry_after_from_google_details(body: Any) -> float | None:
+    """Seconds from a ``google.rpc.RetryInfo`` entry (``"retryDelay": "30s"``) in an error body."""
+    error = body.get("error", body) if isinstance(body, Mapping) else None
+    details = error.get("details") if isinstance(error, Mapping) else None
+    if not isinstance(details, list):
+        return None
+    for detail in details:
+        if isinstance(detail, Mapping) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            match = _DURATION.match(str(detail.get("retryDelay", "")))
+            if match:
+                return float(match.group(1))
+    return None

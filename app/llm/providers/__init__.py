@@ -1,0 +1,1 @@
+"""One adapter per provider family; each translates requests and maps errors."""

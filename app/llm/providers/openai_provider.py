@@ -1,0 +1,251 @@
+"""OpenAI and every OpenAI-compatible endpoint (one adapter, one profile each).
+
+Uses ``get_openai_client(profile)`` / ``get_async_openai_client(profile)``,
+so clients stay lazy, per app, per process and fork-safe. OpenAI itself (the
+``default`` profile and Azure) takes ``max_completion_tokens``; other
+compatible servers (Ollama, vLLM, Groq, OpenRouter) are sent the older and
+more widely accepted ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import openai
+
+from app.llm.errors import (
+    LLMConnectionError,
+    LLMError,
+    LLMResponseError,
+    LLMTimeoutError,
+    error_for_status,
+    refine_bad_request,
+    retry_after_from_headers,
+)
+from app.llm.providers.base import (
+    ChatRequest,
+    EmbedRequest,
+    Provider,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+    tool_call_from_json,
+)
+from app.llm.structured import schema_name, strict_json_schema
+from app.llm.types import ChatResponse, FinishReason, ImagePart, Message, TextPart
+from app.services.openai_service import get_async_openai_client, get_openai_client
+
+FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}
+
+
+def translate_message(message: Message) -> dict[str, Any]:
+    """One message in the Chat Completions form."""
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.text}
+    if message.role == "system":
+        return {"role": "system", "content": message.text}
+    if message.role == "assistant":
+        translated: dict[str, Any] = {"role": "assistant", "content": message.text or None}
+        if message.tool_calls:
+            translated["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+                }
+                for call in message.tool_calls
+            ]
+        return translated
+    if all(isinstance(part, TextPart) for part in message.parts):
+        return {"role": "user", "content": message.text}
+    content: list[dict[str, Any]] = []
+    for part in message.parts:
+        if isinstance(part, TextPart):
+            content.append({"type": "text", "text": part.text})
+        elif isinstance(part, ImagePart):
+            content.append({"type": "image_url", "image_url": {"url": part.as_data_url()}})
+    return {"role": "user", "content": content}
+
+
+class OpenAIProvider(Provider):
+    def __init__(self, name: str, profile: str) -> None:
+        super().__init__(name)
+        self.profile = profile
+
+    # --- request ---------------------------------------------------------------
+
+    def _params(self, request: ChatRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": request.model,
+            "messages": [translate_message(m) for m in request.messages],
+        }
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            key = "max_completion_tokens" if self.profile == "default" or self._is_azure() else "max_tokens"
+            params[key] = request.max_tokens
+        if request.user is not None:
+            params["user"] = request.user
+        if request.tools:
+            params["tools"] = [
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                }
+                for t in request.tools
+            ]
+        choice = request.tool_choice
+        if choice is not None:
+            params["tool_choice"] = (
+                {"type": "function", "function": {"name": choice.name}}
+                if choice.mode == "tool"
+                else choice.mode
+            )
+        if request.response_format is not None:
+            params["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": schema_name(request.response_format),
+                    "schema": strict_json_schema(request.response_format),
+                    "strict": True,
+                },
+            }
+        return params
+
+    def _is_azure(self) -> bool:
+        from app.connectors.openai_connector import current_openai_connector
+
+        return current_openai_connector().profile(self.profile).is_azure
+
+    # --- responses -------------------------------------------------------------
+
+    def _response(self, request: ChatRequest, completion: Any) -> ChatResponse:
+        context = request.context()
+        if not getattr(completion, "choices", None):
+            raise LLMResponseError("the provider sent a completion without choices", **context)
+        choice = completion.choices[0]
+        message = choice.message
+        tool_calls = [
+            tool_call_from_json(call.id, call.function.name, call.function.arguments, **context)
+            for call in (message.tool_calls or [])
+            if getattr(call, "function", None) is not None
+        ]
+        usage = completion.usage
+        return ChatResponse(
+            content=message.content,
+            model=completion.model or request.model,
+            provider=request.provider,
+            input_tokens=usage.prompt_tokens if usage else None,
+            output_tokens=usage.completion_tokens if usage else None,
+            total_tokens=usage.total_tokens if usage else None,
+            finish_reason=FINISH_REASONS.get(choice.finish_reason or ""),
+            tool_calls=tool_calls,
+            raw=completion,
+        )
+
+    @staticmethod
+    def _events(chunk: Any) -> Iterator[StreamEvent]:
+        for choice in chunk.choices or ():
+            delta = choice.delta
+            if delta is not None and delta.content:
+                yield TextDelta(delta.content)
+            for call in (delta.tool_calls or []) if delta is not None else []:
+                function = call.function
+                yield ToolCallDelta(
+                    index=call.index,
+                    id=call.id,
+                    name=function.name if function else None,
+                    arguments=(function.arguments or "") if function else "",
+                )
+            if choice.finish_reason:
+                yield StreamEnd(finish_reason=FINISH_REASONS.get(choice.finish_reason), model=chunk.model)
+        usage = getattr(chunk, "usage", None)
+        if usage is not None:
+            yield StreamEnd(
+                input_tokens=usage.prompt_tokens,
+                output_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+                model=chunk.model,
+            )
+
+    # --- the calls -------------------------------------------------------------
+
+    def chat(self, request: ChatRequest) -> ChatResponse:
+        completion = get_openai_client(self.profile).chat.completions.create(**self._params(request))
+        return self._response(request, completion)
+
+    def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
+        client = get_openai_client(self.profile)
+        upstream = client.chat.completions.create(
+            **self._params(request), stream=True, stream_options={"include_usage": True}
+        )
+        return self._stream(upstream)
+
+    def _stream(self, upstream: Any) -> Iterator[StreamEvent]:
+        try:
+            for chunk in upstream:
+                yield from self._events(chunk)
+        finally:
+            upstream.close()  # closes the HTTP response: early exit frees the connection
+
+    def embed(self, request: EmbedRequest) -> list[list[float]]:
+        result = get_openai_client(self.profile).embeddings.create(model=request.model, input=request.inputs)
+        return [item.embedding for item in sorted(result.data, key=lambda item: item.index)]
+
+    async def achat(self, request: ChatRequest) -> ChatResponse:
+        client = get_async_openai_client(self.profile)
+        completion = await client.chat.completions.create(**self._params(request))
+        return self._response(request, completion)
+
+    async def astream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        client = get_async_openai_client(self.profile)
+        upstream = await client.chat.completions.create(
+            **self._params(request), stream=True, stream_options={"include_usage": True}
+        )
+        try:
+            async for chunk in upstream:
+                for event in self._events(chunk):
+                    yield event
+        finally:
+            await upstream.close()
+
+    async def aembed(self, request: EmbedRequest) -> list[list[float]]:
+        client = get_async_openai_client(self.profile)
+        result = await client.embeddings.create(model=request.model, input=request.inputs)
+        return [item.embedding for item in sorted(result.data, key=lambda item: item.index)]
+
+    def list_models(self) -> list[str]:
+        return sorted(model.id for model in get_openai_client(self.profile).models.list())
+
+    # --- errors ----------------------------------------------------------------
+
+    def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
+        if isinstance(exc, openai.APITimeoutError):
+            return LLMTimeoutError("the provider did not answer in time", **context)
+        if isinstance(exc, openai.APIConnectionError):
+            return LLMConnectionError("the provider could not be reached", **context)
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            body = exc.body if isinstance(exc.body, dict) else {}
+            error = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
+            code = error.get("code") or error.get("type")
+            message = str(error.get("message") or exc.message or f"HTTP {status}")
+            cls = refine_bad_request(error_for_status(status), str(code) if code else None, message)
+            return cls(
+                f"HTTP {status}: {message}",
+                status_code=status,
+                retry_after=retry_after_from_headers(exc.response.headers),
+                **context,
+            )
+        if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError):
+            return LLMResponseError("the provider sent a response that could not be read", **context)
+        return LLMError(f"{type(exc).__name__}: {exc}", **context)

@@ -1,0 +1,93 @@
+"""Tools in any of three forms, normalised to name + description + JSON schema.
+
+Accepted: OpenAI-style ``{"type": "function", "function": {...}}``, the flat
+``{"name", "description", "parameters"}``, or a plain Python function whose
+type hints (through pydantic) and docstring become the schema.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from app.llm.errors import LLMBadRequestError
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """``auto``, ``none``, ``required``, or one named tool (``mode="tool"``)."""
+
+    mode: Literal["auto", "none", "required", "tool"]
+    name: str | None = None
+
+
+EMPTY_OBJECT: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def normalise_tools(tools: Sequence[Any] | None) -> list[ToolSpec]:
+    if not tools:
+        return []
+    specs = [_tool(index, tool) for index, tool in enumerate(tools)]
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise LLMBadRequestError(f"tool names must be unique, got {names}")
+    return specs
+
+
+def _tool(index: int, tool: Any) -> ToolSpec:
+    where = f"tools[{index}]"
+    if callable(tool) and not isinstance(tool, Mapping):
+        return tool_from_function(tool)
+    if not isinstance(tool, Mapping):
+        raise LLMBadRequestError(f"{where} must be a dict or a function")
+    function = tool.get("function") if tool.get("type") == "function" else tool
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise LLMBadRequestError(f"{where} needs a name (flat form) or a function.name (OpenAI form)")
+    parameters = function.get("parameters") or EMPTY_OBJECT
+    if not isinstance(parameters, Mapping):
+        raise LLMBadRequestError(f"{where}.parameters must be a JSON schema object")
+    return ToolSpec(function["name"], str(function.get("description") or ""), dict(parameters))
+
+
+def tool_from_function(function: Callable[..., Any]) -> ToolSpec:
+    """A tool from a function: its parameters' type hints make the schema, its docstring the description."""
+    from pydantic import create_model
+
+    signature = inspect.signature(function)
+    hints = inspect.get_annotations(function, eval_str=True)
+    fields: dict[str, Any] = {}
+    for name, parameter in signature.parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        annotation = hints.get(name, Any)
+        default = ... if parameter.default is parameter.empty else parameter.default
+        fields[name] = (annotation, default)
+    model = create_model(f"{function.__name__}_arguments", **fields)
+    schema = model.model_json_schema()
+    schema.pop("title", None)
+    for prop in schema.get("properties", {}).values():
+        prop.pop("title", None)
+    doc = inspect.getdoc(function) or ""
+    return ToolSpec(function.__name__, doc.strip(), schema)
+
+
+def normalise_tool_choice(choice: Any, tools: Sequence[ToolSpec]) -> ToolChoice | None:
+    if choice is None:
+        return None
+    if choice in ("auto", "none", "required"):
+        return ToolChoice(choice)
+    name = choice.get("function", {}).get("name") if isinstance(choice, Mapping) else choice
+    if isinstance(name, str) and any(tool.name == name for tool in tools):
+        return ToolChoice("tool", name)
+    raise LLMBadRequestError(
+        f"tool_choice must be 'auto', 'none', 'required' or the name of a given tool, got {choice!r}"
+    )

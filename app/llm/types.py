@@ -1,0 +1,188 @@
+"""What the LLM layer returns and what it takes, independent of any provider.
+
+Messages come in as plain dicts (``{"role", "content"}``, content a string or
+a list of parts); :func:`normalise_messages` validates them once into
+:class:`Message` values that each provider translates into its own form.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from app.llm.errors import LLMBadRequestError
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function the model asked to call; ``arguments`` is the parsed JSON object."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class ChatResponse:
+    """One finished answer, the same for every provider."""
+
+    content: str | None
+    model: str
+    provider: str
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    finish_reason: FinishReason | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    parsed: Any = None
+    latency_ms: float = 0.0
+    raw: Any = field(default=None, repr=False)
+
+    @property
+    def has_tool_calls(self) -> bool:
+        return bool(self.tool_calls)
+
+    def usage(self) -> dict[str, int | None]:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image by URL (``https:`` or ``data:``) or as bytes with a mime type."""
+
+    url: str | None = None
+    data: bytes | None = None
+    mime_type: str | None = None
+
+    def as_data_url(self) -> str:
+        if self.url is not None:
+            return self.url
+        assert self.data is not None
+        return f"data:{self.mime_type};base64,{base64.b64encode(self.data).decode()}"
+
+    def as_bytes(self) -> tuple[bytes, str] | None:
+        """(bytes, mime type) when the image is inline (bytes or a ``data:`` URL)."""
+        if self.data is not None:
+            return self.data, self.mime_type or "application/octet-stream"
+        if self.url and self.url.startswith("data:") and ";base64," in self.url:
+            header, payload = self.url[5:].split(";base64,", 1)
+            return base64.b64decode(payload), header or "application/octet-stream"
+        return None
+
+
+Part = TextPart | ImagePart
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    parts: tuple[Part, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: For ``role="tool"``: which call this answers, and the function's name.
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.parts if isinstance(part, TextPart))
+
+
+def normalise_messages(messages: Sequence[Mapping[str, Any]] | Any) -> list[Message]:
+    """Validate user messages into :class:`Message` values; a bad one is an LLMBadRequestError."""
+    if isinstance(messages, str) or not isinstance(messages, Sequence) or not messages:
+        raise LLMBadRequestError("messages must be a non-empty list of {role, content} dicts")
+    return [_message(index, raw) for index, raw in enumerate(messages)]
+
+
+def _message(index: int, raw: Any) -> Message:
+    where = f"messages[{index}]"
+    if not isinstance(raw, Mapping):
+        raise LLMBadRequestError(f"{where} must be a dict with role and content")
+    role = raw.get("role")
+    if role not in ROLES:
+        raise LLMBadRequestError(f"{where}.role must be one of {sorted(ROLES)}, got {role!r}")
+    parts = _parts(where, raw.get("content"), allow_empty=role == "assistant" and bool(raw.get("tool_calls")))
+    tool_calls = tuple(
+        _tool_call(f"{where}.tool_calls[{i}]", c) for i, c in enumerate(raw.get("tool_calls") or ())
+    )
+    tool_call_id = raw.get("tool_call_id")
+    if role == "tool" and not isinstance(tool_call_id, str):
+        raise LLMBadRequestError(f"{where}.tool_call_id is required for a tool result")
+    name = raw.get("name")
+    return Message(role=role, parts=parts, tool_calls=tool_calls, tool_call_id=tool_call_id,
+                   name=name if isinstance(name, str) else None)  # fmt: skip
+
+
+def _parts(where: str, content: Any, *, allow_empty: bool) -> tuple[Part, ...]:
+    if content is None and allow_empty:
+        return ()
+    if isinstance(content, str):
+        return (TextPart(content),)
+    if not isinstance(content, list) or (not content and not allow_empty):
+        raise LLMBadRequestError(f"{where}.content must be a string or a non-empty list of parts")
+    return tuple(_part(f"{where}.content[{i}]", part) for i, part in enumerate(content))
+
+
+def _part(where: str, part: Any) -> Part:
+    if isinstance(part, str):
+        return TextPart(part)
+    if not isinstance(part, Mapping):
+        raise LLMBadRequestError(f"{where} must be a text or image part")
+    kind = part.get("type")
+    if kind == "text" and isinstance(part.get("text"), str):
+        return TextPart(part["text"])
+    if kind in ("image", "image_url"):
+        url = part.get("url")
+        if kind == "image_url":  # the OpenAI form, accepted as given
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
+        data = part.get("data")
+        if isinstance(url, str) and url:
+            return ImagePart(url=url)
+        if isinstance(data, bytes | bytearray):
+            mime = part.get("mime_type")
+            if not isinstance(mime, str) or "/" not in mime:
+                raise LLMBadRequestError(f"{where}.mime_type is required with image bytes (e.g. image/png)")
+            return ImagePart(data=bytes(data), mime_type=mime)
+        raise LLMBadRequestError(f"{where} needs a url or data (bytes) with a mime_type")
+    raise LLMBadRequestError(f"{where}.type must be 'text' or 'image', got {kind!r}")
+
+
+def _tool_call(where: str, raw: Any) -> ToolCall:
+    if isinstance(raw, ToolCall):
+        return raw
+    if isinstance(raw, Mapping):
+        nested = raw.get("function")
+        function: Mapping[str, Any] = nested if isinstance(nested, Mapping) else raw
+        name, arguments = function.get("name"), function.get("arguments", {})
+        if isinstance(arguments, str):
+            import json
+
+            try:
+                arguments = json.loads(arguments or "{}")
+            except json.JSONDecodeError:
+                raise LLMBadRequestError(f"{where}.arguments is not valid JSON") from None
+        if isinstance(name, str) and isinstance(arguments, dict):
+            return ToolCall(id=str(raw.get("id") or name), name=name, arguments=arguments)
+    raise LLMBadRequestError(f"{where} must be a ToolCall or {{id, name, arguments}}")
+
+
+def system_text(messages: Iterable[Message]) -> str | None:
+    """The system messages joined, for providers that take the system prompt apart."""
+    texts = [m.text for m in messages if m.role == "system"]
+    return "\n\n".join(texts) if texts else None
