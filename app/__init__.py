@@ -51,10 +51,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from app import api, probes
     from app.cli import LazyMigrateGroup, services_cli
+    from app.llm.cli import llm_cli
 
     app.register_blueprint(probes.bp)
     app.register_blueprint(api.bp)
     app.cli.add_command(services_cli)
+    app.cli.add_command(llm_cli)
     app.cli.add_command(LazyMigrateGroup("db", migrations_dir=PROJECT_ROOT / "migrations"))
     app.register_error_handler(HTTPException, _http_error_as_json)
     app.register_error_handler(Exception, _unexpected_error_as_json)

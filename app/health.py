@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from flask import Flask
 
 from app.config import get_names, get_seconds
+from app.connectors.anthropic_connector import EXTENSION_KEY as ANTHROPIC_KEY
+from app.connectors.anthropic_connector import AnthropicConnector
 from app.connectors.genai_connector import EXTENSION_KEY as GENAI_KEY
 from app.connectors.genai_connector import GenAIConnector
 from app.connectors.openai_connector import EXTENSION_KEY as OPENAI_KEY
@@ -167,9 +169,9 @@ def _outcome(
 
 def _provider_results(app: Flask) -> list[CheckResult]:
     results = []
-    for key, prefix in ((OPENAI_KEY, "openai"), (GENAI_KEY, "gemini")):
+    for key, prefix in ((OPENAI_KEY, "openai"), (GENAI_KEY, "gemini"), (ANTHROPIC_KEY, "anthropic")):
         connector = app.extensions.get(key)
-        if not isinstance(connector, OpenAIConnector | GenAIConnector):
+        if not isinstance(connector, OpenAIConnector | GenAIConnector | AnthropicConnector):
             continue
         for name, info in connector.info().items():
             component = f"{prefix}:{name}" if prefix == "openai" else prefix

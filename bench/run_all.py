@@ -7,9 +7,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import client_lookup, cold_start
+from bench import client_lookup, cold_start, llm_overhead
 
 if __name__ == "__main__":
     print(f"python {sys.version.split()[0]}")
     client_lookup.main()
     cold_start.main()
+    llm_overhead.main()

@@ -7,7 +7,12 @@ own environment (no ``OPENAI_API_KEY`` etc. leaks in) and from the project's
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ from tests.servers import (
     PostgresServer,
     RedisServer,
     chat_completion,
+    free_port,
     start_postgres,
     start_redis,
 )
@@ -119,6 +125,51 @@ def local_server() -> Iterator[HTTPServer]:
     server.clear()
     if server.is_running():
         server.stop()
+
+
+#: Where Prism is installed with npm: kept between sessions, so only the first run pays for it.
+PRISM_HOME = Path(tempfile.gettempdir()) / "flask-services-prism"
+
+
+@dataclass(frozen=True)
+class Prism:
+    port: int
+    home: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+@pytest.fixture(scope="session")
+def prism() -> Iterator[Prism]:
+    """The official OpenAI spec served by Prism (../shared/peers/openai-spec-mock): 422 when invalid."""
+    shared = shared_dir()
+    if shared is None:
+        pytest.skip("../shared is not beside the project, so the openai-spec-mock peer is not available")
+    peer = shared / "peers" / "openai-spec-mock"
+    if not (peer / "start.sh").is_file():
+        pytest.skip(f"{peer}/start.sh is missing")
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        pytest.skip("node and npm are needed to install and run Prism (the OpenAI spec mock)")
+    server = Prism(free_port(), PRISM_HOME)
+    env = {
+        **os.environ,
+        "PRISM_PORT": str(server.port),
+        "PRISM_HOME": str(server.home),
+        "PRISM_LOG_LEVEL": "warn",
+    }
+    # A Prism left running by an interrupted session would make start.sh report "already running".
+    subprocess.run([str(peer / "stop.sh")], env=env, capture_output=True, timeout=60, check=False)
+    started = subprocess.run(
+        [str(peer / "start.sh")], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"Prism did not start:\n{started.stdout}\n{started.stderr}")
+        yield server
+    finally:
+        subprocess.run([str(peer / "stop.sh")], env=env, capture_output=True, timeout=60, check=False)
 
 
 def shared_dir() -> Path | None:

@@ -7,60 +7,12 @@ start installs Prism with npm (about 15 s) and boots it (about 20 s).
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 
 from app.services.openai_service import get_openai_client
-from tests.conftest import CANARY_KEY, shared_dir
-from tests.servers import free_port
+from tests.conftest import CANARY_KEY
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass(frozen=True)
-class Prism:
-    port: int
-    home: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-
-@pytest.fixture(scope="session")
-def prism() -> Iterator[Prism]:
-    shared = shared_dir()
-    if shared is None:
-        pytest.skip("../shared is not beside the project, so the openai-spec-mock peer is not available")
-    peer = shared / "peers" / "openai-spec-mock"
-    if not (peer / "start.sh").is_file():
-        pytest.skip(f"{peer}/start.sh is missing")
-    if shutil.which("npm") is None or shutil.which("node") is None:
-        pytest.skip("node and npm are needed to install and run Prism (the OpenAI spec mock)")
-    server = Prism(free_port(), Path(tempfile.mkdtemp(prefix="prism-", dir="/tmp")))
-    env = {
-        **os.environ,
-        "PRISM_PORT": str(server.port),
-        "PRISM_HOME": str(server.home),
-        "PRISM_LOG_LEVEL": "warn",
-    }
-    started = subprocess.run(
-        [str(peer / "start.sh")], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    try:
-        if started.returncode != 0:
-            pytest.fail(f"Prism did not start:\n{started.stdout}\n{started.stderr}")
-        yield server
-    finally:
-        subprocess.run([str(peer / "stop.sh")], env=env, capture_output=True, timeout=60, check=False)
-        shutil.rmtree(server.home, ignore_errors=True)
 
 
 @pytest.fixture
@@ -73,8 +25,8 @@ def spec_app(make_app, prism):
     )
 
 
-def _chat(app, messages, model="gpt-4o-mini"):
-    return app.test_client().post("/api/chat", json={"messages": messages, "model": model})
+def _chat(app, messages, model="gpt-4o-mini", **extra):
+    return app.test_client().post("/api/chat", json={"messages": messages, "model": model, **extra})
 
 
 @pytest.mark.parametrize(
@@ -91,16 +43,22 @@ def _chat(app, messages, model="gpt-4o-mini"):
 def test_what_api_chat_sends_is_valid_by_the_spec(spec_app, messages):
     response = _chat(spec_app, messages)
 
-    assert response.status_code == 200, response.get_data(as_text=True)
+    # Prism answers the spec's example completion, whose tool call carries the
+    # placeholder arguments "string": the layer rightly refuses those as
+    # malformed (502). What matters here is that the spec accepted the request
+    # (a rejection is a 422, which /api/chat turns into 400 upstream_rejected).
     body = response.json
-    assert set(body) == {"content", "model", "usage"}
-    assert isinstance(body["content"], str)  # Prism's example completion
+    if response.status_code == 502:
+        assert "malformed JSON arguments" in body["error"]["message"], body
+        return
+    assert response.status_code == 200, body
+    assert set(body) == {"content", "model", "provider", "usage", "finish_reason", "tool_calls"}
     assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
 
 
 def test_a_request_the_spec_rejects_comes_back_as_400_upstream_rejected(spec_app):
-    # Valid for /api/chat's own checks, but the spec requires tool_call_id on a tool message.
-    response = _chat(spec_app, [{"role": "tool", "content": "42"}])
+    # Valid for /api/chat's own checks, but the spec caps temperature at 2.
+    response = _chat(spec_app, [{"role": "user", "content": "Hi"}], temperature=5)
 
     assert response.status_code == 400, response.get_data(as_text=True)
     error = response.json["error"]

@@ -41,3 +41,15 @@ def test_env_example_lists_every_key_and_loads(tmp_path, make_app):
     app = make_app(DOTENV_PATH=str(dotenv), TESTING=False)
     assert app.config["SECRET_KEY"] == "k" * 64
     assert sorted(app.extensions["openai_service"].profiles) == ["default", "groq", "ollama", "openrouter"]
+
+
+def test_a_preset_provider_exists_when_its_key_is_set(make_app, monkeypatch):
+    app = make_app()
+    assert "groq" not in app.extensions["openai_service"].profiles
+    monkeypatch.setenv("GROQ_API_KEY", "gsk-preset-key-0123456789")
+    app = make_app(OLLAMA_HOST="http://127.0.0.1:11500")
+    profiles = app.extensions["openai_service"].profiles
+    assert profiles["groq"].base_url == "https://api.groq.com/openai/v1"
+    assert profiles["groq"].api_key.reveal() == "gsk-preset-key-0123456789"
+    assert profiles["ollama"].base_url == "http://127.0.0.1:11500/v1"
+    assert "openrouter" not in profiles

@@ -9,6 +9,7 @@ connections), forgotten in a forked child and closed by a reset.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Mapping
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 EXTENSION_KEY = "anthropic_service"
 DEFAULT_ENDPOINT = "https://api.anthropic.com"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,14 +146,20 @@ class _AsyncClients:
         for loop, client in clients:
             if loop.is_closed():
                 continue  # its transports died with the loop
-            if loop.is_running():
-                loop.call_soon_threadsafe(_schedule_close, loop, client)
-            else:
-                loop.run_until_complete(client.close())
+            try:
+                if loop.is_running():
+                    loop.call_soon_threadsafe(_schedule_close, loop, client)
+                else:
+                    loop.run_until_complete(client.close())
+            except Exception:  # closing is best effort; a dead peer must not break a reset
+                logger.warning("closing an AsyncAnthropic client failed", exc_info=True)
         if outside is not None:
             import asyncio
 
-            asyncio.run(outside.close())
+            try:
+                asyncio.run(outside.close())
+            except Exception:
+                logger.warning("closing an AsyncAnthropic client failed", exc_info=True)
 
     def forget_after_fork(self) -> None:
         self._lock = threading.Lock()

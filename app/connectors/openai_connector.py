@@ -5,8 +5,9 @@ The ``default`` profile comes from ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` /
 ``OPENAI_PROFILES``, a mapping of name to settings. Profiles named
 ``openrouter``, ``groq`` or ``ollama`` start from that provider's well-known
 base URL and key variable, so ``{"groq": {}}`` is a complete profile when
-``GROQ_API_KEY`` is set. A profile with ``azure_endpoint`` builds an
-``AzureOpenAI`` client.
+``GROQ_API_KEY`` is set; and when ``GROQ_API_KEY`` / ``OPENROUTER_API_KEY``
+is set (or ``OLLAMA_HOST``), that profile exists without any entry. A profile
+with ``azure_endpoint`` builds an ``AzureOpenAI`` client.
 
 Every client gets a 60 s read / 5 s connect timeout unless configured (the
 SDK's own default is 600 s), and is built only when first asked for.
@@ -146,6 +147,13 @@ def parse_openai_settings(config: Mapping[str, Any]) -> dict[str, OpenAIProfile]
                 **settings,
             }  # fmt: skip
         profiles[name] = _parse_profile(name, where, settings, config, timeout, connect_timeout, max_retries)
+    for name, preset in PRESETS.items():
+        # A well-known provider whose key variable is set needs no OPENAI_PROFILES entry.
+        key_env = preset.get("api_key_env")
+        if name not in profiles and key_env and (config.get(key_env) or os.environ.get(key_env)):
+            profiles[name] = _parse_profile(
+                name, key_env, preset, config, timeout, connect_timeout, max_retries
+            )
     if "ollama" not in profiles and get_str(config, "OLLAMA_HOST"):
         profiles["ollama"] = _parse_profile(
             "ollama", "OLLAMA_HOST", _presets(config)["ollama"], config, timeout, connect_timeout, max_retries

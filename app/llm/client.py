@@ -271,9 +271,11 @@ class LLM:
             messages, model, temperature, max_tokens, tools, tool_choice, response_format, user
         )
         context = request.context()
-        return AsyncChatStream(
-            request, provider.astream(request), lambda exc: self._typed(provider, exc, context)
-        )
+        try:
+            events = provider.astream(request)
+        except Exception as exc:
+            raise self._typed(provider, exc, context) from exc
+        return AsyncChatStream(request, events, lambda exc: self._typed(provider, exc, context))
 
     async def aembed(self, inputs: Sequence[str], model: str | None = None) -> list[list[float]]:
         provider, request = self._embed_request(inputs, model)

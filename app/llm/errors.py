@@ -139,6 +139,8 @@ def retry_after_from_headers(headers: Mapping[str, str] | None, now: float | Non
     """Seconds to wait, from ``retry-after-ms``, or ``retry-after`` in seconds or as an HTTP date."""
     if not headers:
         return None
+    if isinstance(headers, dict):  # a plain dict is case-sensitive; HTTP header names are not
+        headers = {str(name).lower(): value for name, value in headers.items()}
     millis = headers.get("retry-after-ms")
     if millis is not None:
         try:

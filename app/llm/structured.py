@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from app.llm.errors import LLMResponseError
+
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def json_schema(response_format: Any) -> dict[str, Any]:
@@ -35,8 +38,10 @@ def schema_name(response_format: Any) -> str:
     if isinstance(response_format, Mapping):
         inner = response_format.get("json_schema")
         name = inner.get("name") if isinstance(inner, Mapping) else response_format.get("title")
-        return str(name or "response")
-    return str(response_format.__name__)
+    else:
+        name = response_format.__name__
+    # OpenAI accepts a-z, A-Z, 0-9, _ and - (64 at most); "Page[Item]" is a valid class name.
+    return _NAME_UNSAFE.sub("_", str(name or ""))[:64] or "response"
 
 
 def is_response_format(value: Any) -> bool:
@@ -55,17 +60,41 @@ def strict_json_schema(response_format: Any) -> dict[str, Any]:
     return schema
 
 
+#: Keywords whose value is a map of name -> subschema, a list of subschemas, or one subschema.
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
+
+
 def _close_objects(node: Any) -> None:
-    if isinstance(node, dict):
-        if node.get("type") == "object" or "properties" in node:
-            node.setdefault("additionalProperties", False)
-            node["required"] = list(node.get("properties", {}))
-        node.pop("default", None)
-        for value in node.values():
-            _close_objects(value)
-    elif isinstance(node, list):
+    """Close every object schema in ``node``, walking subschemas only.
+
+    Walking by keyword (rather than every dict) keeps property *names* out of
+    it: a field called ``default`` or ``properties`` is not a keyword.
+    """
+    if isinstance(node, list):  # "items" as a list (older drafts)
         for item in node:
             _close_objects(item)
+        return
+    if not isinstance(node, dict):
+        return
+    if node.get("type") == "object" or "properties" in node:
+        node.setdefault("additionalProperties", False)
+        properties = node.get("properties")
+        node["required"] = list(properties) if isinstance(properties, dict) else []
+    node.pop("default", None)
+    for key in _SCHEMA_MAPS:
+        children = node.get(key)
+        if isinstance(children, dict):
+            for child in children.values():
+                _close_objects(child)
+    for key in _SCHEMA_LISTS:
+        children = node.get(key)
+        if isinstance(children, list):
+            for child in children:
+                _close_objects(child)
+    for key in _SCHEMA_ONE:
+        _close_objects(node.get(key))
 
 
 def parse_structured(response_format: Any, text: str | None, **context: Any) -> Any:

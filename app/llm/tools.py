@@ -7,7 +7,9 @@ type hints (through pydantic) and docstring become the schema.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,11 +34,19 @@ class ToolChoice:
 
 EMPTY_OBJECT: dict[str, Any] = {"type": "object", "properties": {}}
 
+#: What OpenAI, Anthropic and Gemini all accept as a function name.
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
 
 def normalise_tools(tools: Sequence[Any] | None) -> list[ToolSpec]:
     if not tools:
         return []
     specs = [_tool(index, tool) for index, tool in enumerate(tools)]
+    for index, spec in enumerate(specs):
+        if not TOOL_NAME.match(spec.name):
+            raise LLMBadRequestError(
+                f"tools[{index}] has the name {spec.name!r}; a tool name is 1 to 64 letters, digits, _ or -"
+            )
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise LLMBadRequestError(f"tool names must be unique, got {names}")
@@ -55,7 +65,7 @@ def _tool(index: int, tool: Any) -> ToolSpec:
     parameters = function.get("parameters") or EMPTY_OBJECT
     if not isinstance(parameters, Mapping):
         raise LLMBadRequestError(f"{where}.parameters must be a JSON schema object")
-    return ToolSpec(function["name"], str(function.get("description") or ""), dict(parameters))
+    return ToolSpec(function["name"], str(function.get("description") or ""), copy.deepcopy(dict(parameters)))
 
 
 def tool_from_function(function: Callable[..., Any]) -> ToolSpec:
@@ -83,6 +93,8 @@ def tool_from_function(function: Callable[..., Any]) -> ToolSpec:
 def normalise_tool_choice(choice: Any, tools: Sequence[ToolSpec]) -> ToolChoice | None:
     if choice is None:
         return None
+    if choice == "required" and not tools:
+        raise LLMBadRequestError("tool_choice 'required' needs tools")
     if choice in ("auto", "none", "required"):
         return ToolChoice(choice)
     name = choice.get("function", {}).get("name") if isinstance(choice, Mapping) else choice

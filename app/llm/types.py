@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from app.llm.errors import LLMBadRequestError
 
@@ -114,17 +114,18 @@ def _message(index: int, raw: Any) -> Message:
     if not isinstance(raw, Mapping):
         raise LLMBadRequestError(f"{where} must be a dict with role and content")
     role = raw.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:  # an unhashable role must not be a TypeError
         raise LLMBadRequestError(f"{where}.role must be one of {sorted(ROLES)}, got {role!r}")
-    parts = _parts(where, raw.get("content"), allow_empty=role == "assistant" and bool(raw.get("tool_calls")))
-    tool_calls = tuple(
-        _tool_call(f"{where}.tool_calls[{i}]", c) for i, c in enumerate(raw.get("tool_calls") or ())
+    raw_calls = raw.get("tool_calls")
+    parts = _parts(where, raw.get("content"), allow_empty=role == "assistant" and bool(raw_calls))
+    tool_calls = (
+        tuple(_tool_call(f"{where}.tool_calls[{i}]", c) for i, c in enumerate(raw_calls)) if raw_calls else ()
     )
     tool_call_id = raw.get("tool_call_id")
     if role == "tool" and not isinstance(tool_call_id, str):
         raise LLMBadRequestError(f"{where}.tool_call_id is required for a tool result")
     name = raw.get("name")
-    return Message(role=role, parts=parts, tool_calls=tool_calls, tool_call_id=tool_call_id,
+    return Message(role=cast(Role, role), parts=parts, tool_calls=tool_calls, tool_call_id=tool_call_id,
                    name=name if isinstance(name, str) else None)  # fmt: skip
 
 
@@ -144,7 +145,9 @@ def _part(where: str, part: Any) -> Part:
     if not isinstance(part, Mapping):
         raise LLMBadRequestError(f"{where} must be a text or image part")
     kind = part.get("type")
-    if kind == "text" and isinstance(part.get("text"), str):
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise LLMBadRequestError(f"{where}.text must be a string")
         return TextPart(part["text"])
     if kind in ("image", "image_url"):
         url = part.get("url")

@@ -10,15 +10,18 @@ more widely accepted ``max_tokens``.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
 import openai
 
 from app.llm.errors import (
+    LLMBadRequestError,
     LLMConnectionError,
     LLMError,
+    LLMRateLimitError,
     LLMResponseError,
+    LLMServerError,
     LLMTimeoutError,
     error_for_status,
     refine_bad_request,
@@ -104,7 +107,7 @@ class OpenAIProvider(Provider):
                 for t in request.tools
             ]
         choice = request.tool_choice
-        if choice is not None:
+        if choice is not None and request.tools:  # OpenAI rejects tool_choice without tools
             params["tool_choice"] = (
                 {"type": "function", "function": {"name": choice.name}}
                 if choice.mode == "tool"
@@ -188,9 +191,9 @@ class OpenAIProvider(Provider):
         upstream = client.chat.completions.create(
             **self._params(request), stream=True, stream_options={"include_usage": True}
         )
-        return self._stream(upstream)
+        return _UpstreamEvents(upstream, self._stream(upstream))
 
-    def _stream(self, upstream: Any) -> Iterator[StreamEvent]:
+    def _stream(self, upstream: Any) -> Generator[StreamEvent, None, None]:
         try:
             for chunk in upstream:
                 yield from self._events(chunk)
@@ -248,4 +251,44 @@ class OpenAIProvider(Provider):
             )
         if isinstance(exc, openai.APIResponseValidationError | json.JSONDecodeError):
             return LLMResponseError("the provider sent a response that could not be read", **context)
+        if isinstance(exc, openai.APIError):  # an error event inside a stream (no HTTP status)
+            body = exc.body if isinstance(exc.body, dict) else {}
+            code = str(body.get("code") or body.get("type") or "")
+            message = str(body.get("message") or exc.message or "the stream failed")
+            return _stream_error_class(code, message)(f"error in the stream: {message}", **context)
         return LLMError(f"{type(exc).__name__}: {exc}", **context)
+
+
+def _stream_error_class(code: str, message: str) -> type[LLMError]:
+    """The class for an error event in a stream, by its code or type (``server_error`` mostly)."""
+    if "rate_limit" in code or "quota" in code:
+        return LLMRateLimitError
+    refined = refine_bad_request(LLMBadRequestError, code, message)
+    if refined is not LLMBadRequestError:
+        return refined
+    return LLMBadRequestError if "invalid_request" in code else LLMServerError
+
+
+class _UpstreamEvents:
+    """The events of one upstream stream; ``close()`` closes the HTTP response.
+
+    A bare generator would not do: closing one that was never started skips its
+    ``finally``, so a stream closed before its first read would keep the
+    connection open.
+    """
+
+    def __init__(self, upstream: Any, events: Generator[StreamEvent, None, None]) -> None:
+        self._upstream = upstream
+        self._events = events
+
+    def __iter__(self) -> _UpstreamEvents:
+        return self
+
+    def __next__(self) -> StreamEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        try:
+            self._events.close()
+        finally:
+            self._upstream.close()

@@ -1,0 +1,372 @@
+"""Anthropic through its own SDK (the optional extra ``pip install .[anthropic]``).
+
+Uses the Anthropic connector's clients (``get_anthropic_client()`` for sync
+calls, one ``AsyncAnthropic`` per event loop for async ones), so they stay
+lazy, per app, per process and fork-safe.
+
+Translation to the Messages API: system messages become ``system``; tool
+results (``role="tool"``) become ``tool_result`` blocks in a user message;
+consecutive messages of one role merge, as Anthropic requires alternating
+roles; ``max_tokens``, which Anthropic requires, defaults to
+:data:`DEFAULT_MAX_TOKENS`; ``temperature`` travels in ``extra_body`` (the SDK
+no longer names it). Structured output uses the native JSON output
+(``output_config.format``). Anthropic has no embeddings API.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from typing import Any
+
+from app.connectors.anthropic_connector import AnthropicConnector, current_anthropic_connector
+from app.llm.errors import (
+    LLMBadRequestError,
+    LLMConnectionError,
+    LLMError,
+    LLMNotConfiguredError,
+    LLMResponseError,
+    LLMTimeoutError,
+    error_for_status,
+    refine_bad_request,
+    retry_after_from_headers,
+)
+from app.llm.providers.base import (
+    ChatRequest,
+    EmbedRequest,
+    Provider,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+)
+from app.llm.structured import json_schema
+from app.llm.types import ChatResponse, FinishReason, ImagePart, Message, TextPart, ToolCall, system_text
+
+try:
+    import anthropic
+except ImportError:  # the optional extra; the layer imports this module on first use of "anthropic/..."
+    raise LLMNotConfiguredError(
+        "the anthropic package is not installed; install the extra: pip install '.[anthropic]'",
+        provider="anthropic",
+        setting="the anthropic package",
+    ) from None
+
+#: Anthropic requires ``max_tokens``; this applies when the caller gives none.
+DEFAULT_MAX_TOKENS = 1024
+
+FINISH_REASONS: dict[str, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+#: The HTTP status of each error ``type``, for errors that arrive inside a 200 stream.
+ERROR_TYPE_STATUS: dict[str, int] = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+EMBEDDINGS_HINT = (
+    "anthropic has no embeddings API; use an embedding model of another provider,"
+    " e.g. 'openai/text-embedding-3-small' or 'gemini/text-embedding-004'"
+)
+
+
+# --- request translation -------------------------------------------------------
+
+
+def _image_block(part: ImagePart, context: dict[str, Any]) -> dict[str, Any]:
+    inline = part.as_bytes()
+    if inline is not None:
+        data, mime_type = inline
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": mime_type, "data": base64.b64encode(data).decode()},
+        }
+    if part.url and part.url.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": part.url}}
+    raise LLMBadRequestError(
+        "an image must be bytes, a base64 data: URL or an http(s) URL for Anthropic", **context
+    )
+
+
+def _content_blocks(parts: Sequence[TextPart | ImagePart], context: dict[str, Any]) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    for part in parts:
+        if isinstance(part, TextPart):
+            if part.text:  # Anthropic rejects empty text blocks
+                blocks.append({"type": "text", "text": part.text})
+        else:
+            blocks.append(_image_block(part, context))
+    return blocks
+
+
+def _message_blocks(message: Message, context: dict[str, Any]) -> list[dict[str, Any]]:
+    if message.role == "tool":
+        has_images = any(isinstance(part, ImagePart) for part in message.parts)
+        return [
+            {
+                "type": "tool_result",
+                "tool_use_id": message.tool_call_id,
+                "content": _content_blocks(message.parts, context) if has_images else message.text,
+            }
+        ]
+    blocks = _content_blocks(message.parts, context)
+    blocks.extend(
+        {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+        for call in message.tool_calls
+    )
+    return blocks or [{"type": "text", "text": message.text}]
+
+
+def translate_messages(
+    messages: Sequence[Message], context: dict[str, Any] | None = None
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """``(system, messages)`` in the Messages API form, with alternating roles."""
+    context = context or {}
+    translated: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "system":
+            continue
+        role = "assistant" if message.role == "assistant" else "user"
+        blocks = _message_blocks(message, context)
+        if translated and translated[-1]["role"] == role:
+            translated[-1]["content"].extend(blocks)
+        else:
+            translated.append({"role": role, "content": blocks})
+    for entry in translated:
+        if entry["role"] == "user":
+            # tool_result blocks must come first in their user message
+            entry["content"].sort(key=lambda block: block["type"] != "tool_result")
+    return system_text(messages), translated
+
+
+def build_params(request: ChatRequest) -> dict[str, Any]:
+    """The keyword arguments of ``client.messages.create`` for ``request``."""
+    context = request.context()
+    system, messages = translate_messages(request.messages, context)
+    params: dict[str, Any] = {
+        "model": request.model,
+        "messages": messages,
+        "max_tokens": request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS,
+    }
+    if system:
+        params["system"] = system
+    if request.temperature is not None:
+        # The SDK (1.0+) dropped the sampling parameters from its signature; its migration
+        # guide sends them in extra_body, which keeps the wire format. Models that no longer
+        # take a temperature answer 400, which the caller sees as an LLMBadRequestError.
+        params["extra_body"] = {"temperature": request.temperature}
+    if request.user is not None:
+        params["metadata"] = {"user_id": request.user}
+    if request.tools:
+        params["tools"] = [
+            {
+                "name": tool.name,
+                **({"description": tool.description} if tool.description else {}),
+                "input_schema": tool.parameters,
+            }
+            for tool in request.tools
+        ]
+    choice = request.tool_choice
+    if choice is not None and (request.tools or choice.mode not in ("auto", "none")):
+        params["tool_choice"] = {
+            "auto": {"type": "auto"},
+            "none": {"type": "none"},
+            "required": {"type": "any"},
+            "tool": {"type": "tool", "name": choice.name},
+        }[choice.mode]
+    if request.response_format is not None:
+        schema = anthropic.transform_schema(json_schema(request.response_format))
+        params["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+    return params
+
+
+# --- response translation ------------------------------------------------------
+
+
+def _input_tokens(usage: Any) -> int | None:
+    """Input tokens including those written to and read from the prompt cache."""
+    tokens = getattr(usage, "input_tokens", None)
+    if tokens is None:
+        return None
+    return int(
+        tokens
+        + (getattr(usage, "cache_creation_input_tokens", None) or 0)
+        + (getattr(usage, "cache_read_input_tokens", None) or 0)
+    )
+
+
+def _finish_reason(stop_reason: str | None) -> FinishReason | None:
+    return FINISH_REASONS.get(stop_reason or "")
+
+
+def translate_response(request: ChatRequest, message: Any) -> ChatResponse:
+    context = request.context()
+    texts: list[str] = []
+    tool_calls: list[ToolCall] = []
+    for block in message.content or ():
+        if block.type == "text":
+            texts.append(block.text)
+        elif block.type == "tool_use":
+            if not isinstance(block.input, dict):
+                raise LLMResponseError(
+                    f"the model sent arguments for tool {block.name!r} that are not a JSON object",
+                    raw_text=repr(block.input),
+                    **context,
+                )
+            tool_calls.append(ToolCall(id=block.id, name=block.name, arguments=dict(block.input)))
+    usage = message.usage
+    input_tokens = _input_tokens(usage) if usage is not None else None
+    output_tokens = usage.output_tokens if usage is not None else None
+    total = input_tokens + output_tokens if input_tokens is not None and output_tokens is not None else None
+    return ChatResponse(
+        content="".join(texts) or None,
+        model=message.model or request.model,
+        provider=request.provider,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=total,
+        finish_reason=_finish_reason(message.stop_reason),
+        tool_calls=tool_calls,
+        raw=message,
+    )
+
+
+def translate_event(event: Any) -> Iterator[StreamEvent]:
+    """The layer's events for one raw Messages stream event."""
+    kind = event.type
+    if kind == "message_start":
+        message = event.message
+        yield StreamEnd(input_tokens=_input_tokens(message.usage), model=message.model)
+    elif kind == "content_block_start":
+        block = event.content_block
+        if block.type == "tool_use":
+            # The arguments follow as input_json_delta fragments (the start carries "{}").
+            yield ToolCallDelta(index=event.index, id=block.id, name=block.name)
+        elif block.type == "text" and block.text:
+            yield TextDelta(block.text)
+    elif kind == "content_block_delta":
+        delta = event.delta
+        if delta.type == "text_delta":
+            yield TextDelta(delta.text)
+        elif delta.type == "input_json_delta":
+            yield ToolCallDelta(index=event.index, arguments=delta.partial_json)
+    elif kind == "message_delta":
+        usage = event.usage
+        yield StreamEnd(
+            finish_reason=_finish_reason(event.delta.stop_reason),
+            input_tokens=_input_tokens(usage) if usage is not None else None,
+            output_tokens=usage.output_tokens if usage is not None else None,
+        )
+
+
+class _SyncEvents(Iterator[StreamEvent]):
+    """The events of one open SDK stream; ``close()`` closes the HTTP response, read or not."""
+
+    def __init__(self, upstream: Any) -> None:
+        self._upstream = upstream
+        self._events = self._translate(upstream)
+
+    @staticmethod
+    def _translate(upstream: Any) -> Generator[StreamEvent, None, None]:
+        try:
+            for event in upstream:
+                yield from translate_event(event)
+        finally:
+            upstream.close()  # an early exit frees the connection and tells the server
+
+    def __next__(self) -> StreamEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        try:
+            self._events.close()
+        finally:
+            self._upstream.close()
+
+
+# --- the adapter ---------------------------------------------------------------
+
+
+class AnthropicProvider(Provider):
+    """The Messages API; one instance per LLM layer."""
+
+    @staticmethod
+    def _connector() -> AnthropicConnector:
+        return current_anthropic_connector()
+
+    def chat(self, request: ChatRequest) -> ChatResponse:
+        message = self._connector().client().messages.create(**build_params(request))
+        return translate_response(request, message)
+
+    def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
+        params = build_params(request)
+        upstream = self._connector().client().messages.create(**params, stream=True)
+        return _SyncEvents(upstream)
+
+    def embed(self, request: EmbedRequest) -> list[list[float]]:
+        raise LLMBadRequestError(EMBEDDINGS_HINT, **request.context())
+
+    async def achat(self, request: ChatRequest) -> ChatResponse:
+        client = self._connector().async_client()
+        message = await client.messages.create(**build_params(request))
+        return translate_response(request, message)
+
+    def astream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        # The connector is looked up now, in the caller's app context; the client is
+        # taken inside the generator, in the event loop that iterates it.
+        return self._astream(self._connector(), request)
+
+    @staticmethod
+    async def _astream(connector: AnthropicConnector, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        params = build_params(request)
+        upstream = await connector.async_client().messages.create(**params, stream=True)
+        try:
+            async for event in upstream:
+                for translated in translate_event(event):
+                    yield translated
+        finally:
+            await upstream.close()
+
+    async def aembed(self, request: EmbedRequest) -> list[list[float]]:
+        raise LLMBadRequestError(EMBEDDINGS_HINT, **request.context())
+
+    def list_models(self) -> list[str]:
+        return sorted(model.id for model in self._connector().client().models.list())
+
+    def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
+        if isinstance(exc, anthropic.APITimeoutError):
+            return LLMTimeoutError("Anthropic did not answer in time", **context)
+        if isinstance(exc, anthropic.APIConnectionError):
+            return LLMConnectionError("Anthropic could not be reached", **context)
+        if isinstance(exc, anthropic.APIStatusError):
+            kind = str(exc.type) if exc.type else None
+            status = exc.status_code
+            if status < 400:  # an error event inside a stream that began with 200
+                status = ERROR_TYPE_STATUS.get(kind or "", 500)
+            message = str(exc.api_message or exc.message or f"HTTP {status}")
+            # 529 overloaded_error is a 5xx: LLMServerError, like 500 api_error.
+            cls = refine_bad_request(error_for_status(status), kind, message)
+            return cls(
+                f"HTTP {status}{f' {kind}' if kind else ''}: {message}",
+                status_code=status,
+                retry_after=retry_after_from_headers(exc.response.headers),
+                **context,
+            )
+        if isinstance(exc, anthropic.APIResponseValidationError):
+            return LLMResponseError("Anthropic sent a response that could not be read", **context)
+        return LLMError(f"{type(exc).__name__}: {exc}", **context)
