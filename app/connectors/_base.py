@@ -17,7 +17,7 @@ import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from flask import Flask, current_app
 
@@ -78,6 +78,90 @@ class LazyClient(Generic[ClientT]):
             self._client = None
 
 
+class AsyncClosable(Protocol):
+    async def close(self) -> None: ...
+
+
+AsyncClientT = TypeVar("AsyncClientT", bound=AsyncClosable)
+
+
+class LoopBoundClients(Generic[AsyncClientT]):
+    """Async clients, one per event loop (keyed weakly by loop), built on first use in each.
+
+    An async SDK client's connection pool belongs to the loop that opened its
+    connections; Flask runs each async view in a loop of its own, and a
+    client shared across loops ends in "Event loop is closed". A client asked
+    for outside any loop is kept apart and closed with ``asyncio.run``.
+    """
+
+    def __init__(self, build: Callable[[], AsyncClientT]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._by_loop: weakref.WeakKeyDictionary[Any, AsyncClientT] = weakref.WeakKeyDictionary()
+        self._outside_loop: AsyncClientT | None = None
+        _live_loop_clients.add(self)
+
+    def get(self) -> AsyncClientT:
+        import asyncio  # only async callers pay for it
+
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            client = self._outside_loop if loop is None else self._by_loop.get(loop)
+            if client is None:
+                client = self._build()
+                if loop is None:
+                    self._outside_loop = client
+                else:
+                    self._by_loop[loop] = client
+            return client
+
+    @property
+    def built(self) -> bool:
+        return self._outside_loop is not None or len(self._by_loop) > 0
+
+    def reset(self) -> None:
+        """Close every client (in its own loop where that loop still runs) and forget them."""
+        import asyncio
+
+        with self._lock:
+            clients = list(self._by_loop.items())
+            self._by_loop.clear()
+            outside, self._outside_loop = self._outside_loop, None
+        for loop, client in clients:
+            if loop.is_closed():
+                continue  # its transports died with the loop
+            try:
+                if loop.is_running():
+                    loop.call_soon_threadsafe(_schedule_close, loop, client)
+                else:
+                    loop.run_until_complete(client.close())
+            except Exception:  # closing is best effort; a dead peer must not break a reset
+                logger.warning("closing a %s failed", type(client).__name__, exc_info=True)
+        if outside is not None:
+            try:
+                asyncio.run(outside.close())
+            except Exception:
+                logger.warning("closing a %s failed", type(outside).__name__, exc_info=True)
+
+    def _forget_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        inherited = [c for c in (*self._by_loop.values(), self._outside_loop) if c is not None]
+        if inherited:
+            keep_inherited(inherited)
+        self._by_loop = weakref.WeakKeyDictionary()
+        self._outside_loop = None
+
+
+def _schedule_close(loop: Any, client: AsyncClosable) -> None:
+    loop.create_task(client.close())
+
+
+_live_loop_clients: weakref.WeakSet[LoopBoundClients[Any]] = weakref.WeakSet()
+
+
 def keep_inherited(client: object) -> None:
     """Hold a client inherited across a fork so that it is never finalised in the child."""
     _inherited.append(client)
@@ -86,6 +170,8 @@ def keep_inherited(client: object) -> None:
 def _after_fork_in_child() -> None:
     for slot in list(_live_slots):
         slot._forget_after_fork()
+    for clients in list(_live_loop_clients):
+        clients._forget_after_fork()
     for callback in list(_fork_callbacks):
         callback()
 

@@ -10,26 +10,21 @@ connections), forgotten in a forked child and closed by a reset.
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from app.config import get_count, get_seconds, get_str
 from app.connectors._base import (
+    LoopBoundClients,
     SingleClientConnector,
     current_connector,
-    keep_inherited,
-    on_fork_in_child,
     reset_registered,
 )
 from app.errors import ServiceNotConfiguredError
 from app.redaction import Secret, redact_url, register_secret
 
 if TYPE_CHECKING:
-    import asyncio
-
     from anthropic import Anthropic, AsyncAnthropic
     from flask import Flask
 
@@ -99,81 +94,6 @@ def close_anthropic_client(client: Anthropic) -> None:
     client.close()
 
 
-class _AsyncClients:
-    """The connector's async clients, one per event loop, keyed weakly by loop.
-
-    Flask runs each async view in a loop of its own; a client shared across
-    loops ends in "Event loop is closed". A client asked for outside any loop
-    is kept apart and closed with ``asyncio.run`` on reset.
-    """
-
-    def __init__(self, connector: AnthropicConnector) -> None:
-        self._connector = weakref.ref(connector)
-        self._lock = threading.Lock()
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncAnthropic] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._outside_loop: AsyncAnthropic | None = None
-
-    def get(self) -> AsyncAnthropic:
-        import asyncio  # only async callers pay for it
-
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        with self._lock:
-            client = self._outside_loop if loop is None else self._by_loop.get(loop)
-            if client is None:
-                connector = self._connector()
-                assert connector is not None  # the connector owns this object
-                client = build_async_anthropic_client(connector.settings)
-                if loop is None:
-                    self._outside_loop = client
-                else:
-                    self._by_loop[loop] = client
-            return client
-
-    @property
-    def built(self) -> bool:
-        return self._outside_loop is not None or len(self._by_loop) > 0
-
-    def reset(self) -> None:
-        with self._lock:
-            clients = list(self._by_loop.items())
-            self._by_loop.clear()
-            outside, self._outside_loop = self._outside_loop, None
-        for loop, client in clients:
-            if loop.is_closed():
-                continue  # its transports died with the loop
-            try:
-                if loop.is_running():
-                    loop.call_soon_threadsafe(_schedule_close, loop, client)
-                else:
-                    loop.run_until_complete(client.close())
-            except Exception:  # closing is best effort; a dead peer must not break a reset
-                logger.warning("closing an AsyncAnthropic client failed", exc_info=True)
-        if outside is not None:
-            import asyncio
-
-            try:
-                asyncio.run(outside.close())
-            except Exception:
-                logger.warning("closing an AsyncAnthropic client failed", exc_info=True)
-
-    def forget_after_fork(self) -> None:
-        self._lock = threading.Lock()
-        inherited = [c for c in (*self._by_loop.values(), self._outside_loop) if c is not None]
-        if inherited:
-            keep_inherited(inherited)
-        self._by_loop = weakref.WeakKeyDictionary()
-        self._outside_loop = None
-
-
-def _schedule_close(loop: asyncio.AbstractEventLoop, client: AsyncAnthropic) -> None:
-    loop.create_task(client.close())
-
-
 class AnthropicConnector(SingleClientConnector[AnthropicSettings, "Anthropic"]):
     extension_key = EXTENSION_KEY
     accessor = "get_anthropic_client()"
@@ -183,8 +103,9 @@ class AnthropicConnector(SingleClientConnector[AnthropicSettings, "Anthropic"]):
 
     def __init__(self, settings: AnthropicSettings) -> None:
         super().__init__(settings)
-        self._async = _AsyncClients(self)
-        _all_connectors.add(self)
+        self._async: LoopBoundClients[AsyncAnthropic] = LoopBoundClients(
+            lambda: build_async_anthropic_client(self.settings)
+        )
 
     def async_client(self) -> AsyncAnthropic:
         """The async client of the running event loop, built on first use in that loop."""
@@ -211,17 +132,6 @@ class AnthropicConnector(SingleClientConnector[AnthropicSettings, "Anthropic"]):
                 "client_built": self.built,
             }
         }
-
-
-_all_connectors: weakref.WeakSet[AnthropicConnector] = weakref.WeakSet()
-
-
-def _forget_async_after_fork() -> None:
-    for connector in list(_all_connectors):
-        connector._async.forget_after_fork()
-
-
-on_fork_in_child(_forget_async_after_fork)
 
 
 def current_anthropic_connector() -> AnthropicConnector:

@@ -16,8 +16,6 @@ SDK's own default is 600 s), and is built only when first asked for.
 from __future__ import annotations
 
 import os
-import threading
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,17 +25,14 @@ from app.config import get_count, get_mapping, get_seconds, get_str, parse_count
 from app.connectors._base import (
     Connector,
     LazyClient,
+    LoopBoundClients,
     current_connector,
-    keep_inherited,
-    on_fork_in_child,
     reset_registered,
 )
 from app.errors import ConfigError, ServiceNotConfiguredError, UnknownProfileError
 from app.redaction import Secret, redact_url, register_secret
 
 if TYPE_CHECKING:
-    import asyncio
-
     from flask import Flask
     from openai import AsyncOpenAI, OpenAI
 
@@ -281,81 +276,12 @@ def _close_sync(client: OpenAI) -> None:
     client.close()
 
 
-class _AsyncClients:
-    """Async clients of one profile, one per event loop.
-
-    An ``AsyncOpenAI`` pool is bound to the loop that opened its connections;
-    Flask runs each async view in a loop of its own, so sharing one client
-    across loops ends in "Event loop is closed". Clients are keyed weakly by
-    loop and dropped with it.
-    """
-
-    def __init__(self, profile: OpenAIProfile) -> None:
-        self.profile = profile
-        self._lock = threading.Lock()
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOpenAI] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._outside_loop: AsyncOpenAI | None = None
-
-    def get(self) -> AsyncOpenAI:
-        import asyncio  # only async callers pay for it
-
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        with self._lock:
-            client = self._outside_loop if loop is None else self._by_loop.get(loop)
-            if client is None:
-                client = build_async_openai_client(self.profile)
-                if loop is None:
-                    self._outside_loop = client
-                else:
-                    self._by_loop[loop] = client
-            return client
-
-    @property
-    def built(self) -> bool:
-        return self._outside_loop is not None or len(self._by_loop) > 0
-
-    def reset(self) -> None:
-        with self._lock:
-            clients = list(self._by_loop.items())
-            self._by_loop.clear()
-            outside, self._outside_loop = self._outside_loop, None
-        for loop, client in clients:
-            if loop.is_closed():
-                continue  # its transports died with the loop
-            if loop.is_running():
-                loop.call_soon_threadsafe(_schedule_close, loop, client)
-            else:
-                loop.run_until_complete(client.close())
-        if outside is not None:
-            import asyncio
-
-            asyncio.run(outside.close())
-
-    def forget_after_fork(self) -> None:
-        self._lock = threading.Lock()
-        inherited = [c for c in (*self._by_loop.values(), self._outside_loop) if c is not None]
-        if inherited:
-            keep_inherited(inherited)
-        self._by_loop = weakref.WeakKeyDictionary()
-        self._outside_loop = None
-
-
-def _schedule_close(loop: asyncio.AbstractEventLoop, client: AsyncOpenAI) -> None:
-    loop.create_task(client.close())
-
-
 class OpenAIConnector(Connector):
     extension_key = EXTENSION_KEY
     accessor = "get_openai_client()"
 
     def __init__(self, profiles: dict[str, OpenAIProfile]) -> None:
         self._install(profiles)
-        _all_async.add(self)
 
     def _install(self, profiles: dict[str, OpenAIProfile]) -> None:
         self.profiles = profiles
@@ -363,7 +289,10 @@ class OpenAIConnector(Connector):
             name: LazyClient(partial(build_openai_client, profile), _close_sync)
             for name, profile in profiles.items()
         }
-        self._async = {name: _AsyncClients(profile) for name, profile in profiles.items()}
+        self._async = {
+            name: LoopBoundClients(partial(build_async_openai_client, profile))
+            for name, profile in profiles.items()
+        }
 
     def reconfigure(self, config: Mapping[str, Any]) -> None:
         profiles = parse_openai_settings(config)
@@ -419,18 +348,6 @@ class OpenAIConnector(Connector):
             }
             for name, profile in self.profiles.items()
         }
-
-
-_all_async: weakref.WeakSet[OpenAIConnector] = weakref.WeakSet()
-
-
-def _forget_async_after_fork() -> None:
-    for connector in list(_all_async):
-        for clients in connector._async.values():
-            clients.forget_after_fork()
-
-
-on_fork_in_child(_forget_async_after_fork)
 
 
 def current_openai_connector() -> OpenAIConnector:

@@ -13,7 +13,6 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from app.redaction import redact
@@ -158,6 +157,8 @@ def retry_after_from_headers(headers: Mapping[str, str] | None, now: float | Non
         return seconds if math.isfinite(seconds) and seconds >= 0 else None
     except ValueError:
         pass
+    from email.utils import parsedate_to_datetime  # rarely needed: only for HTTP-date values
+
     try:
         when = parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError):

@@ -8,7 +8,6 @@ type hints (through pydantic) and docstring become the schema.
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +69,8 @@ def _tool(index: int, tool: Any) -> ToolSpec:
 
 def tool_from_function(function: Callable[..., Any]) -> ToolSpec:
     """A tool from a function: its parameters' type hints make the schema, its docstring the description."""
+    import inspect  # only tools given as functions need it
+
     from pydantic import create_model
 
     signature = inspect.signature(function)
