@@ -116,15 +116,25 @@ def keepalive_server() -> Iterator[KeepAliveServer]:
     server.stop()
 
 
-@pytest.fixture
-def local_server() -> Iterator[HTTPServer]:
-    """A threaded pytest-httpserver on 127.0.0.1 (werkzeug closes every connection after a response)."""
+@pytest.fixture(scope="session")
+def _session_http_server() -> Iterator[HTTPServer]:
     server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
     server.start()
     yield server
-    server.clear()
-    if server.is_running():
-        server.stop()
+    server.stop()
+
+
+@pytest.fixture
+def local_server(_session_http_server: HTTPServer) -> Iterator[HTTPServer]:
+    """A threaded pytest-httpserver on 127.0.0.1, cleared for each test.
+
+    One server serves the session (stopping one costs werkzeug's 0.5 s poll);
+    werkzeug closes every connection after a response, so tests about
+    connection reuse use ``keepalive_server``.
+    """
+    _session_http_server.clear()
+    yield _session_http_server
+    _session_http_server.clear()
 
 
 #: Where Prism is installed with npm: kept between sessions, so only the first run pays for it.

@@ -9,29 +9,12 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
-from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from tests.conftest import CANARY_KEY, chat_completion
 
 CHAT_PATH = "/v1/chat/completions"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture(scope="module")
-def _module_server():
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def local_server(_module_server):
-    """Like conftest's, but one server for the module (stopping one costs 0.5 s), cleared per test."""
-    _module_server.clear()
-    yield _module_server
-    _module_server.clear()
 
 
 @pytest.fixture

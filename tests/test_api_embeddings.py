@@ -8,28 +8,12 @@ import struct
 import time
 
 import pytest
-from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from tests.conftest import CANARY_KEY
 
 EMBED_PATH = "/v1/embeddings"
 VECTORS = [[0.25, -0.5, 1.0], [0.125, 0.75, -1.0]]
-
-
-@pytest.fixture(scope="module")
-def _module_server():
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def local_server(_module_server):
-    _module_server.clear()
-    yield _module_server
-    _module_server.clear()
 
 
 @pytest.fixture

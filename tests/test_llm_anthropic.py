@@ -62,22 +62,6 @@ PNG = b"\x89PNG\r\n\x1a\n-not-really-a-png"
 # --- servers and answers ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def _module_server() -> Iterator[HTTPServer]:
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def local_server(_module_server: HTTPServer) -> Iterator[HTTPServer]:
-    """Like conftest's, but one server for the module (stopping one costs 0.5 s), cleared per test."""
-    _module_server.clear()
-    yield _module_server
-    _module_server.clear()
-
-
 @pytest.fixture
 def app(make_app, local_server):
     return make_app(

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from app.llm import LLMConnectionError, LLMRateLimitError, LLMServerError, ToolCall
@@ -24,22 +23,6 @@ from tests.conftest import CANARY_KEY, ROOT
 from tests.servers import free_port
 
 FLASK = ROOT / ".venv" / "bin" / "flask"
-
-
-@pytest.fixture(scope="module")
-def _module_server() -> Iterator[HTTPServer]:
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def local_server(_module_server: HTTPServer) -> Iterator[HTTPServer]:
-    """Like conftest's, but one server for the module (stopping one costs 0.5 s), cleared per test."""
-    _module_server.clear()
-    yield _module_server
-    _module_server.clear()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx2
@@ -57,21 +56,10 @@ PIXEL = base64.b64decode(
 # --- helpers ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def _module_server() -> Iterator[HTTPServer]:
-    """One threaded pytest-httpserver for the module: stopping one costs 0.5 s."""
-    http = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    http.start()
-    yield http
-    http.stop()
-
-
 @pytest.fixture
-def server(_module_server: HTTPServer) -> Iterator[HTTPServer]:
-    """The module's server, with no handlers and an empty log for each test."""
-    _module_server.clear()
-    yield _module_server
-    _module_server.clear()
+def server(local_server: HTTPServer) -> HTTPServer:
+    """The session's local HTTP server, with no handlers and an empty log for each test."""
+    return local_server
 
 
 def gemini_app(make_app, server, **settings):

@@ -71,22 +71,6 @@ def pull_handler(lines: list[dict], pause: float = 0.0):
     return handler
 
 
-@pytest.fixture(scope="module")
-def _module_server() -> Iterator[HTTPServer]:
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def local_server(_module_server: HTTPServer) -> Iterator[HTTPServer]:
-    """Like conftest's, but one server for the module (stopping one costs 0.5 s), cleared per test."""
-    _module_server.clear()
-    yield _module_server
-    _module_server.clear()
-
-
 @pytest.fixture
 def ollama_app(make_app, local_server: HTTPServer):
     return make_app(OLLAMA_HOST=local_server.url_for("").rstrip("/"))

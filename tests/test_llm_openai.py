@@ -186,22 +186,6 @@ def error_body(message: str, kind: str | None, code: str | None, param: str | No
 # --- local servers -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def _module_server() -> Iterator[HTTPServer]:
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def local_server(_module_server: HTTPServer) -> Iterator[HTTPServer]:
-    """Like conftest's, but one server for the module (stopping one costs 0.5 s), cleared per test."""
-    _module_server.clear()
-    yield _module_server
-    _module_server.clear()
-
-
 class Upstream:
     """A pytest-httpserver handler that records each request and answers with ``answer(request)``."""
 
