@@ -126,6 +126,10 @@ def run_checks(app: Flask) -> HealthReport:
     # cold worker is not reported as having a slow database.
     db_service.get_db()
     results = _run_probes(app, probes, timeout)
+    # Breakers live in Redis when it is configured: list them only when Redis
+    # just answered, so a hung Redis costs the probe its one check timeout.
+    if all(r.status == "pass" for r in results if r.component == "redis"):
+        static.extend(_breaker_results(app))
     checks = results + static
     worst: Status = max((c.status for c in checks), key=_RANK.__getitem__, default="pass")
     return HealthReport(status=worst, checks=checks)
@@ -165,6 +169,28 @@ def _outcome(
     if (error := future.exception()) is not None:
         return failed, None, None, redact(f"{type(error).__name__}: {error}".splitlines()[0])
     return "pass", round(future.result(), 2), "ms", None
+
+
+def _breaker_results(app: Flask) -> list[CheckResult]:
+    """An open (or half-open) circuit breaker is a warning: the app serves, one model does not."""
+    llm = app.extensions.get("llm")
+    if llm is None:
+        return []
+    try:
+        states = llm.guards.breakers.states()
+    except Exception:  # the breaker store is not worth failing readiness over
+        return []
+    return [
+        CheckResult(
+            f"llm:{state.key}",
+            "component",
+            "circuitBreaker",
+            "warn",
+            output=f"circuit {state.state}" + (f", {state.open_for:.0f} s left" if state.open_for else ""),
+        )
+        for state in states
+        if state.state != "closed"
+    ]
 
 
 def _provider_results(app: Flask) -> list[CheckResult]:

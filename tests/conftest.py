@@ -65,6 +65,8 @@ def make_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...,
     def factory(config: dict[str, Any] | None = None, **settings: Any) -> Flask:
         instance = tmp_path_factory.mktemp("instance")
         merged = {
+            # No retries of LLM calls unless a test asks: error tests expect one upstream attempt.
+            "LLM_MAX_RETRIES": 0,
             "TESTING": True,
             "INSTANCE_PATH": str(instance),
             "DOTENV_PATH": str(instance / "no.env"),

@@ -1100,6 +1100,21 @@ def test_closing_an_unread_stream_closes_the_upstream_connection(slow_app, slow_
         assert slow_stream_server.disconnected.wait(3)
 
 
+def _held_upstream(events):
+    """The SDK stream the adapter's generator holds, found through the layers of generators above it."""
+    queue, seen = [events], set()
+    while queue:
+        generator = queue.pop()
+        frame = getattr(generator, "ag_frame", None)
+        if frame is None or id(generator) in seen:
+            continue
+        seen.add(id(generator))
+        if "upstream" in frame.f_locals:
+            return frame.f_locals["upstream"]
+        queue.extend(value for value in frame.f_locals.values() if hasattr(value, "ag_frame"))
+    raise AssertionError("no generator holds an 'upstream' SDK stream")
+
+
 def test_closing_an_async_stream_early_closes_the_upstream_connection(slow_app, slow_stream_server):
     async def main() -> bool:
         stream = get_llm().achat_stream([{"role": "user", "content": "Hi"}], model=MODEL)
@@ -1107,7 +1122,7 @@ def test_closing_an_async_stream_early_closes_the_upstream_connection(slow_app, 
         assert not slow_stream_server.disconnected.is_set()
         # Hold the SDK's stream, as a reference cycle or a traceback might: then only the
         # adapter's explicit close ends the response (dropping it would let GC close it).
-        upstream = stream._events.ag_frame.f_locals["upstream"]
+        upstream = _held_upstream(stream._events)
         assert isinstance(upstream, anthropic.AsyncStream)
         await stream.aclose()
         assert upstream.response.is_closed

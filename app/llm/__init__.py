@@ -13,6 +13,8 @@ from app.llm.client import LLM, get_llm, init_app
 from app.llm.errors import (
     LLMAuthError,
     LLMBadRequestError,
+    LLMBulkheadFullError,
+    LLMCircuitOpenError,
     LLMConnectionError,
     LLMContentFilterError,
     LLMContextLengthError,
@@ -35,6 +37,8 @@ __all__ = [
     "ChatStream",
     "LLMAuthError",
     "LLMBadRequestError",
+    "LLMBulkheadFullError",
+    "LLMCircuitOpenError",
     "LLMConnectionError",
     "LLMContentFilterError",
     "LLMContextLengthError",

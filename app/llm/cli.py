@@ -206,3 +206,26 @@ def pull_command(model: str) -> None:
         _fail(exc)
     progress.end()
     click.echo(f"pulled {model} into Ollama at {ollama.endpoint}")
+
+
+@llm_cli.command("breakers")
+def breakers_command() -> None:
+    """The state of every circuit breaker: provider/model, state, failure rate, time left open."""
+    from app.cli import _table
+    from app.llm import get_llm
+
+    states = get_llm().guards.breakers.states()
+    if not states:
+        click.echo("no breaker has seen a call yet")
+        return
+    rows = [
+        (
+            s.key,
+            s.state,
+            f"{s.failure_rate:.0%} of {s.calls}",
+            f"{s.open_for:.1f}s" if s.state == "open" else "-",
+            s.backend,
+        )
+        for s in sorted(states, key=lambda s: s.key)
+    ]
+    click.echo(_table(("MODEL", "STATE", "FAILURES", "OPEN FOR", "BACKEND"), rows))

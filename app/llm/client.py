@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
@@ -23,13 +23,20 @@ from app.connectors._base import register
 from app.connectors.anthropic_connector import AnthropicConnector, parse_anthropic_settings
 from app.errors import ConfigError, ServiceNotConfiguredError, UnknownProfileError
 from app.llm.errors import LLMBadRequestError, LLMError, LLMNotConfiguredError
-from app.llm.providers.base import ChatRequest, EmbedRequest, Provider
+from app.llm.providers.base import ChatRequest, EmbedRequest, Provider, StreamEvent
+from app.llm.resilience.breaker import CircuitBreakers
+from app.llm.resilience.bulkhead import Bulkheads
+from app.llm.resilience.executor import Attempt, Guards, falls_back
+from app.llm.resilience.ratelimit import RateLimiter, estimate_tokens
+from app.llm.resilience.settings import parse_resilience_settings
 from app.llm.streaming import AsyncChatStream, ChatStream
 from app.llm.structured import is_response_format, parse_structured
 from app.llm.tools import normalise_tool_choice, normalise_tools
 from app.llm.types import ChatResponse, normalise_messages
 
 if TYPE_CHECKING:
+    from redis import Redis
+
     from app.llm.ollama import OllamaManager
 
 EXTENSION_KEY = "llm"
@@ -49,9 +56,10 @@ def split_model(model: str, *, setting: str = "model") -> tuple[str, str]:
 class LLM:
     """One app's LLM layer: provider resolution and the calls."""
 
-    def __init__(self, app: Flask, default_model: str | None) -> None:
+    def __init__(self, app: Flask, default_model: str | None, guards: Guards) -> None:
         self._app = weakref.ref(app)
         self.default_model = default_model
+        self.guards = guards
         self._providers: dict[str, Provider] = {}
         self._custom: dict[str, Callable[[str], Provider]] = {}
         self._lock = threading.Lock()
@@ -181,6 +189,30 @@ class LLM:
         return response
 
     # --- the API -----------------------------------------------------------
+    #
+    # Every call runs through self.guards (rate limit -> deadline -> retry ->
+    # breaker -> attempt), once per model of its fallback chain.
+
+    def _chain(self, model: str | None, fallbacks: Sequence[str] | None) -> list[str]:
+        address = model or self.default_model
+        if not address:
+            raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set")
+        extra = fallbacks if fallbacks is not None else self.guards.settings.fallbacks.get(address, ())
+        if isinstance(extra, str):
+            raise LLMBadRequestError("fallbacks must be a list of 'provider/model' names")
+        return list(dict.fromkeys([address, *extra]))  # each model at most once
+
+    def _invoke(self, provider: Provider, call: Callable[[Any], Any], request: Any) -> Any:
+        try:
+            return call(request)
+        except Exception as exc:
+            raise self._typed(provider, exc, request.context()) from exc
+
+    async def _ainvoke(self, provider: Provider, call: Callable[[Any], Any], request: Any) -> Any:
+        try:
+            return await call(request)
+        except Exception as exc:
+            raise self._typed(provider, exc, request.context()) from exc
 
     def chat(
         self,
@@ -193,16 +225,31 @@ class LLM:
         tool_choice: Any = None,
         response_format: Any = None,
         user: str | None = None,
+        fallbacks: Sequence[str] | None = None,
     ) -> ChatResponse:
-        provider, request = self._request(
-            messages, model, temperature, max_tokens, tools, tool_choice, response_format, user
-        )
+        chain = self._chain(model, fallbacks)
+        attempts: list[Attempt] = []
         started = time.perf_counter()
-        try:
-            response = provider.chat(request)
-        except Exception as exc:
-            raise self._typed(provider, exc, request.context()) from exc
-        return self._finish(request, response, started)
+        for index, address in enumerate(chain):
+            provider, request = self._request(
+                messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
+            )
+            try:
+                response: ChatResponse = self.guards.call(
+                    request,
+                    lambda r, p=provider: self._invoke(p, p.chat, r),  # type: ignore[misc]
+                    tokens=estimate_tokens(request),
+                    usage=_response_tokens,
+                    attempts=attempts,
+                )
+            except LLMError as error:
+                error.attempts = attempts  # type: ignore[attr-defined]
+                if index + 1 < len(chain) and falls_back(error):
+                    continue
+                raise
+            response.attempts = attempts
+            return self._finish(request, response, started)
+        raise AssertionError("unreachable: the chain is never empty")
 
     def chat_stream(
         self,
@@ -215,23 +262,42 @@ class LLM:
         tool_choice: Any = None,
         response_format: Any = None,
         user: str | None = None,
+        fallbacks: Sequence[str] | None = None,
     ) -> ChatStream:
-        provider, request = self._request(
-            messages, model, temperature, max_tokens, tools, tool_choice, response_format, user
-        )
-        context = request.context()
-        try:
-            events = provider.stream(request)
-        except Exception as exc:
-            raise self._typed(provider, exc, context) from exc
-        return ChatStream(request, events, lambda exc: self._typed(provider, exc, context))
+        """Open a stream (retries and fallbacks happen here, before any text is returned)."""
+        chain = self._chain(model, fallbacks)
+        attempts: list[Attempt] = []
+        for index, address in enumerate(chain):
+            provider, request = self._request(
+                messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
+            )
+            context = request.context()
+
+            def typed(exc: BaseException, p: Provider = provider, c: dict[str, Any] = context) -> LLMError:
+                return self._typed(p, exc, c)
+
+            try:
+                events = self.guards.stream(
+                    request, provider.stream, typed, tokens=estimate_tokens(request), attempts=attempts
+                )
+            except LLMError as error:
+                error.attempts = attempts  # type: ignore[attr-defined]
+                if index + 1 < len(chain) and falls_back(error):
+                    continue
+                raise
+            return ChatStream(request, events, typed, attempts=attempts)
+        raise AssertionError("unreachable: the chain is never empty")
 
     def embed(self, inputs: Sequence[str], model: str | None = None) -> list[list[float]]:
         provider, request = self._embed_request(inputs, model)
-        try:
-            return provider.embed(request)
-        except Exception as exc:
-            raise self._typed(provider, exc, request.context()) from exc
+        result: list[list[float]] = self.guards.call(
+            request,
+            lambda r: self._invoke(provider, provider.embed, r),
+            tokens=sum(len(text) for text in request.inputs) // 4 + 1,
+            usage=lambda _vectors: None,
+            attempts=[],
+        )
+        return result
 
     async def achat(
         self,
@@ -244,16 +310,31 @@ class LLM:
         tool_choice: Any = None,
         response_format: Any = None,
         user: str | None = None,
+        fallbacks: Sequence[str] | None = None,
     ) -> ChatResponse:
-        provider, request = self._request(
-            messages, model, temperature, max_tokens, tools, tool_choice, response_format, user
-        )
+        chain = self._chain(model, fallbacks)
+        attempts: list[Attempt] = []
         started = time.perf_counter()
-        try:
-            response = await provider.achat(request)
-        except Exception as exc:
-            raise self._typed(provider, exc, request.context()) from exc
-        return self._finish(request, response, started)
+        for index, address in enumerate(chain):
+            provider, request = self._request(
+                messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
+            )
+            try:
+                response: ChatResponse = await self.guards.acall(
+                    request,
+                    lambda r, p=provider: self._ainvoke(p, p.achat, r),  # type: ignore[misc]
+                    tokens=estimate_tokens(request),
+                    usage=_response_tokens,
+                    attempts=attempts,
+                )
+            except LLMError as error:
+                error.attempts = attempts  # type: ignore[attr-defined]
+                if index + 1 < len(chain) and falls_back(error):
+                    continue
+                raise
+            response.attempts = attempts
+            return self._finish(request, response, started)
+        raise AssertionError("unreachable: the chain is never empty")
 
     def achat_stream(
         self,
@@ -266,23 +347,68 @@ class LLM:
         tool_choice: Any = None,
         response_format: Any = None,
         user: str | None = None,
+        fallbacks: Sequence[str] | None = None,
     ) -> AsyncChatStream:
-        provider, request = self._request(
-            messages, model, temperature, max_tokens, tools, tool_choice, response_format, user
+        chain = self._chain(model, fallbacks)
+        requests = [
+            self._request(
+                messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
+            )
+            for address in chain
+        ]
+        attempts: list[Attempt] = []
+        first_provider, first_request = requests[0]
+        stream = AsyncChatStream(
+            first_request,
+            self._afallback_events(requests, attempts, lambda: stream),
+            lambda exc: self._typed(first_provider, exc, first_request.context()),
+            attempts=attempts,
         )
-        context = request.context()
-        try:
-            events = provider.astream(request)
-        except Exception as exc:
-            raise self._typed(provider, exc, context) from exc
-        return AsyncChatStream(request, events, lambda exc: self._typed(provider, exc, context))
+        return stream
+
+    async def _afallback_events(
+        self,
+        requests: list[tuple[Provider, ChatRequest]],
+        attempts: list[Attempt],
+        stream: Callable[[], AsyncChatStream],
+    ) -> AsyncIterator[StreamEvent]:
+        for index, (provider, request) in enumerate(requests):
+            context = request.context()
+
+            def typed(exc: BaseException, p: Provider = provider, c: dict[str, Any] = context) -> LLMError:
+                return self._typed(p, exc, c)
+
+            events = self.guards.astream(
+                request, provider.astream, typed, tokens=estimate_tokens(request), attempts=attempts
+            )
+            try:
+                first = await anext(events, None)
+            except LLMError as error:
+                await events.aclose()
+                error.attempts = attempts  # type: ignore[attr-defined]
+                if index + 1 < len(requests) and falls_back(error):
+                    continue
+                raise
+            stream().retarget(request)  # the answer comes from this model
+            try:
+                if first is not None:
+                    yield first
+                    async for event in events:
+                        yield event
+            finally:
+                await events.aclose()
+            return
 
     async def aembed(self, inputs: Sequence[str], model: str | None = None) -> list[list[float]]:
         provider, request = self._embed_request(inputs, model)
-        try:
-            return await provider.aembed(request)
-        except Exception as exc:
-            raise self._typed(provider, exc, request.context()) from exc
+        result: list[list[float]] = await self.guards.acall(
+            request,
+            lambda r: self._ainvoke(provider, provider.aembed, r),
+            tokens=sum(len(text) for text in request.inputs) // 4 + 1,
+            usage=lambda _vectors: None,
+            attempts=[],
+        )
+        return result
 
     def _embed_request(self, inputs: Sequence[str], model: str | None) -> tuple[Provider, EmbedRequest]:
         address = model or self.default_model
@@ -312,6 +438,14 @@ class LLM:
         return OllamaManager.for_app(app)
 
 
+def _response_tokens(response: ChatResponse) -> int | None:
+    if response.total_tokens is not None:
+        return response.total_tokens
+    if response.input_tokens is not None and response.output_tokens is not None:
+        return response.input_tokens + response.output_tokens
+    return None
+
+
 def init_app(app: Flask) -> None:
     """Validate the LLM settings and register the layer (and the Anthropic client service)."""
     default_model = get_str(app.config, "LLM_DEFAULT_MODEL")
@@ -327,7 +461,32 @@ def init_app(app: Flask) -> None:
         register(app, AnthropicConnector(parse_anthropic_settings(app.config)))
     if EXTENSION_KEY in app.extensions:
         raise RuntimeError(f"app.llm.init_app() was already called on app {app.name!r}")
-    app.extensions[EXTENSION_KEY] = LLM(app, default_model)
+    app.extensions[EXTENSION_KEY] = LLM(app, default_model, _guards(app))
+
+
+def _guards(app: Flask) -> Guards:
+    """The app's resilience state: breakers and rate limits in Redis when REDIS_URL is set."""
+    from app.connectors.redis_connector import EXTENSION_KEY as REDIS_KEY
+    from app.connectors.redis_connector import RedisConnector
+
+    settings = parse_resilience_settings(app.config)
+    app_ref = weakref.ref(app)
+
+    def redis_connector() -> RedisConnector | None:
+        target = app_ref()
+        connector = target.extensions.get(REDIS_KEY) if target is not None else None
+        return connector if isinstance(connector, RedisConnector) and connector.configured else None
+
+    def redis_client() -> Redis | None:
+        connector = redis_connector()
+        return connector.client() if connector is not None else None
+
+    def redis_url() -> str | None:
+        connector = redis_connector()
+        url = connector.settings.url if connector is not None else None
+        return url.reveal() if url is not None else None
+
+    return Guards(settings, CircuitBreakers(redis_client), RateLimiter(redis_url), Bulkheads())
 
 
 def get_llm() -> LLM:

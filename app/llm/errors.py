@@ -98,6 +98,17 @@ class LLMNotConfiguredError(LLMError):
         self.setting = setting
 
 
+class LLMCircuitOpenError(LLMError):
+    """The provider/model's circuit breaker is open: no request was made.
+
+    ``retry_after`` is the time left until it admits trial calls.
+    """
+
+
+class LLMBulkheadFullError(LLMError):
+    """Too many calls to this provider are in flight in this process; none was made."""
+
+
 def error_for_status(status: int | None) -> type[LLMError]:
     """The error class for an HTTP status."""
     if status is None:

@@ -89,12 +89,24 @@ class StreamAccumulator:
 
 
 class _StreamState:
-    def __init__(self, request: ChatRequest, map_error: Callable[[BaseException], LLMError]) -> None:
+    def __init__(
+        self,
+        request: ChatRequest,
+        map_error: Callable[[BaseException], LLMError],
+        attempts: list[Any] | None = None,
+    ) -> None:
         self.request = request
         self.map_error = map_error
         self.accumulator = StreamAccumulator(request, time.perf_counter())
+        #: Every try behind this stream (retries, fallbacks); shared with the final response.
+        self.attempts: list[Any] = attempts if attempts is not None else []
         self._response: ChatResponse | None = None
         self.closed = False
+
+    def retarget(self, request: ChatRequest) -> None:
+        """The stream is answered by a fallback model: the response names that one."""
+        self.request = request
+        self.accumulator.request = request
 
     @property
     def response(self) -> ChatResponse:
@@ -103,7 +115,9 @@ class _StreamState:
         return self._response
 
     def finish(self) -> None:
-        self._response = self.accumulator.response()
+        response = self.accumulator.response()
+        response.attempts = self.attempts
+        self._response = response
 
 
 class ChatStream(_StreamState):
@@ -114,8 +128,9 @@ class ChatStream(_StreamState):
         request: ChatRequest,
         events: Iterator[StreamEvent],
         map_error: Callable[[BaseException], LLMError],
+        attempts: list[Any] | None = None,
     ) -> None:
-        super().__init__(request, map_error)
+        super().__init__(request, map_error, attempts)
         self._events = events
 
     def __iter__(self) -> ChatStream:
@@ -162,8 +177,9 @@ class AsyncChatStream(_StreamState):
         request: ChatRequest,
         events: AsyncIterator[StreamEvent],
         map_error: Callable[[BaseException], LLMError],
+        attempts: list[Any] | None = None,
     ) -> None:
-        super().__init__(request, map_error)
+        super().__init__(request, map_error, attempts)
         self._events = events
 
     def __aiter__(self) -> AsyncChatStream:

@@ -43,6 +43,8 @@ class ChatResponse:
     parsed: Any = None
     latency_ms: float = 0.0
     raw: Any = field(default=None, repr=False)
+    #: Every try this answer took, across retries and fallbacks (app.llm.resilience.Attempt).
+    attempts: list[Any] = field(default_factory=list)
 
     @property
     def has_tool_calls(self) -> bool:

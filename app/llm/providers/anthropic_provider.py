@@ -16,6 +16,7 @@ no longer names it). Structured output uses the native JSON output
 from __future__ import annotations
 
 import base64
+import weakref
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from typing import Any
 
@@ -305,25 +306,48 @@ class _SyncEvents(Iterator[StreamEvent]):
 class AnthropicProvider(Provider):
     """The Messages API; one instance per LLM layer."""
 
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        # The connector's clients with the SDK's retries off (the layer retries),
+        # cached per client: with_options() shares its connection pool.
+        self._no_retry: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
     @staticmethod
     def _connector() -> AnthropicConnector:
         return current_anthropic_connector()
 
+    def _without_retries(self, client: Any) -> Any:
+        derived = self._no_retry.get(client)
+        if derived is None:
+            derived = client.with_options(max_retries=0)
+            self._no_retry[client] = derived
+        return derived
+
+    def _options(self, connector: AnthropicConnector, request: ChatRequest) -> dict[str, Any]:
+        """A shorter timeout for this attempt when the call's deadline leaves less than the client's."""
+        if request.timeout is not None and request.timeout < connector.settings.timeout:
+            return {"timeout": request.timeout}
+        return {}
+
     def chat(self, request: ChatRequest) -> ChatResponse:
-        message = self._connector().client().messages.create(**build_params(request))
+        connector = self._connector()
+        client = self._without_retries(connector.client())
+        message = client.messages.create(**build_params(request), **self._options(connector, request))
         return translate_response(request, message)
 
     def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
-        params = build_params(request)
-        upstream = self._connector().client().messages.create(**params, stream=True)
+        connector = self._connector()
+        params = {**build_params(request), **self._options(connector, request)}
+        upstream = self._without_retries(connector.client()).messages.create(**params, stream=True)
         return _SyncEvents(upstream)
 
     def embed(self, request: EmbedRequest) -> list[list[float]]:
         raise LLMBadRequestError(EMBEDDINGS_HINT, **request.context())
 
     async def achat(self, request: ChatRequest) -> ChatResponse:
-        client = self._connector().async_client()
-        message = await client.messages.create(**build_params(request))
+        connector = self._connector()
+        client = self._without_retries(connector.async_client())
+        message = await client.messages.create(**build_params(request), **self._options(connector, request))
         return translate_response(request, message)
 
     def astream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
@@ -331,10 +355,12 @@ class AnthropicProvider(Provider):
         # taken inside the generator, in the event loop that iterates it.
         return self._astream(self._connector(), request)
 
-    @staticmethod
-    async def _astream(connector: AnthropicConnector, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        params = build_params(request)
-        upstream = await connector.async_client().messages.create(**params, stream=True)
+    async def _astream(
+        self, connector: AnthropicConnector, request: ChatRequest
+    ) -> AsyncIterator[StreamEvent]:
+        params = {**build_params(request), **self._options(connector, request)}
+        client = self._without_retries(connector.async_client())
+        upstream = await client.messages.create(**params, stream=True)
         try:
             async for event in upstream:
                 for translated in translate_event(event):

@@ -32,6 +32,8 @@ class ChatRequest:
     #: Structured output: a pydantic model class, a JSON schema dict, or None.
     response_format: Any = None
     user: str | None = None
+    #: Seconds this attempt may take, when the call's deadline leaves less than the client's timeout.
+    timeout: float | None = None
 
     def context(self) -> dict[str, Any]:
         """Keyword arguments that put provider and model on an LLMError."""
@@ -43,6 +45,7 @@ class EmbedRequest:
     provider: str
     model: str
     inputs: list[str]
+    timeout: float | None = None
 
     def context(self) -> dict[str, Any]:
         return {"provider": self.provider, "model": self.model}

@@ -262,6 +262,12 @@ def generate_config(request: ChatRequest) -> types.GenerateContentConfig:
         # The tools are declarations for the caller to run, never Python callables.
         automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
     )
+    if request.timeout is not None:
+        from app.connectors.genai_connector import current_genai_connector
+
+        if request.timeout < current_genai_connector().settings.timeout:
+            # A shorter timeout for this attempt: the call's deadline leaves less than GENAI_TIMEOUT.
+            config.http_options = types.HttpOptions(timeout=max(1, round(request.timeout * 1000)))
     system = system_text(request.messages)
     if system:
         config.system_instruction = system

@@ -10,6 +10,7 @@ more widely accepted ``max_tokens``.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
@@ -83,6 +84,33 @@ class OpenAIProvider(Provider):
     def __init__(self, name: str, profile: str) -> None:
         super().__init__(name)
         self.profile = profile
+        # The services' clients with the SDK's retries off: the layer's one retry
+        # loop retries instead, so attempts never multiply. with_options() shares
+        # the connection pool; the copy is cached per service client (it changes
+        # after a reset or in a forked child, and per event loop for async).
+        self._no_retry: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def _without_retries(self, client: Any) -> Any:
+        derived = self._no_retry.get(client)
+        if derived is None:
+            derived = client.with_options(max_retries=0)
+            self._no_retry[client] = derived
+        return derived
+
+    def _client(self) -> Any:
+        return self._without_retries(get_openai_client(self.profile))
+
+    def _aclient(self) -> Any:
+        return self._without_retries(get_async_openai_client(self.profile))
+
+    def _timeout(self, request: ChatRequest | EmbedRequest) -> dict[str, Any]:
+        """A shorter timeout for this attempt when the call's deadline leaves less than the client's."""
+        if request.timeout is None:
+            return {}
+        from app.connectors.openai_connector import current_openai_connector
+
+        configured = current_openai_connector().profile(self.profile).timeout
+        return {"timeout": request.timeout} if request.timeout < configured else {}
 
     # --- request ---------------------------------------------------------------
 
@@ -183,13 +211,15 @@ class OpenAIProvider(Provider):
     # --- the calls -------------------------------------------------------------
 
     def chat(self, request: ChatRequest) -> ChatResponse:
-        completion = get_openai_client(self.profile).chat.completions.create(**self._params(request))
+        completion = self._client().chat.completions.create(**self._params(request), **self._timeout(request))
         return self._response(request, completion)
 
     def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
-        client = get_openai_client(self.profile)
-        upstream = client.chat.completions.create(
-            **self._params(request), stream=True, stream_options={"include_usage": True}
+        upstream = self._client().chat.completions.create(
+            **self._params(request),
+            **self._timeout(request),
+            stream=True,
+            stream_options={"include_usage": True},
         )
         return _UpstreamEvents(upstream, self._stream(upstream))
 
@@ -201,18 +231,23 @@ class OpenAIProvider(Provider):
             upstream.close()  # closes the HTTP response: early exit frees the connection
 
     def embed(self, request: EmbedRequest) -> list[list[float]]:
-        result = get_openai_client(self.profile).embeddings.create(model=request.model, input=request.inputs)
+        result = self._client().embeddings.create(
+            model=request.model, input=request.inputs, **self._timeout(request)
+        )
         return [item.embedding for item in sorted(result.data, key=lambda item: item.index)]
 
     async def achat(self, request: ChatRequest) -> ChatResponse:
-        client = get_async_openai_client(self.profile)
-        completion = await client.chat.completions.create(**self._params(request))
+        completion = await self._aclient().chat.completions.create(
+            **self._params(request), **self._timeout(request)
+        )
         return self._response(request, completion)
 
     async def astream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        client = get_async_openai_client(self.profile)
-        upstream = await client.chat.completions.create(
-            **self._params(request), stream=True, stream_options={"include_usage": True}
+        upstream = await self._aclient().chat.completions.create(
+            **self._params(request),
+            **self._timeout(request),
+            stream=True,
+            stream_options={"include_usage": True},
         )
         try:
             async for chunk in upstream:
@@ -222,8 +257,9 @@ class OpenAIProvider(Provider):
             await upstream.close()
 
     async def aembed(self, request: EmbedRequest) -> list[list[float]]:
-        client = get_async_openai_client(self.profile)
-        result = await client.embeddings.create(model=request.model, input=request.inputs)
+        result = await self._aclient().embeddings.create(
+            model=request.model, input=request.inputs, **self._timeout(request)
+        )
         return [item.embedding for item in sorted(result.data, key=lambda item: item.index)]
 
     def list_models(self) -> list[str]:

@@ -1,0 +1,758 @@
+"""Circuit breakers per ``provider/model``, shared by every worker and host through Redis.
+
+Why Redis, and why Lua: a breaker kept per process opens on one gunicorn
+worker while the others keep hammering a failing provider. The state lives
+in one Redis hash per breaker and every transition is one Lua script
+(EVALSHA), so concurrent workers never race: half-open admits exactly
+``half_open_calls`` trial calls across all processes. A closed breaker costs
+one round trip per call (a read-only ``HMGET`` inside the script).
+
+Why a local breaker too: Redis is a dependency that must fail open, but
+"Redis unavailable" must never mean "closed". Each instance keeps an
+in-process breaker with the same semantics. While Redis answers it mirrors
+the shared state (and this process's own outcomes), so that when Redis
+fails the process carries on from what it last knew and keeps counting on
+its own; it can open by itself. A failed Redis is skipped, and every
+``retry_interval`` (0.5 s) one background thread probes it: a dead or hung
+Redis costs the calls in flight when it failed one client timeout, later
+calls nothing, and shared state resumes within about a second of Redis
+answering again. On recovery, the
+breakers this process opened locally are written to Redis (unless Redis
+already holds an open state), so a restarted, empty Redis does not close them.
+
+Time: the scripts take the caller's clock (milliseconds) rather than Redis
+``TIME``, so that tests can inject a clock; hosts are assumed NTP-synced.
+Redis key expiry (``window + cooldown + 1 s`` after the last write) is real
+time, so a breaker no one calls vanishes.
+
+Limits worth knowing: ``record`` has no per-call token, so a call admitted
+while closed that finishes during half-open counts as a trial outcome; and a
+trial call that never reports (its process died) would hold its permit, so a
+trial round lapses after ``cooldown`` and a new one begins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from app.connectors._base import on_fork_in_child
+from app.errors import ServiceNotConfiguredError
+from app.llm.errors import LLMCircuitOpenError
+from app.llm.resilience.settings import BreakerPolicy
+from app.redaction import redact
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+__all__ = ["BreakerState", "CircuitBreakers"]
+
+logger = logging.getLogger(__name__)
+
+Outcome = Literal["success", "failure", "ignored"]
+StateName = Literal["closed", "open", "half_open"]
+_OUTCOMES = frozenset({"success", "failure", "ignored"})
+
+#: Buckets per window: the window slides in steps of window/20 (5 %).
+BUCKETS = 20
+#: Added to a key's expiry so that a little clock skew between hosts cannot expire a live breaker.
+EXPIRY_MARGIN_MS = 1000
+#: Tolerance on the failure-rate comparison (3/10 must reach a rate of 0.3).
+RATE_EPSILON = 1e-9
+
+# before_call answers: (code, milliseconds)
+_ADMIT, _OPEN, _TRIAL, _FULL = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    """What operators see of one breaker (``flask llm breakers``, ``/readyz``)."""
+
+    key: str  #: "provider/model"
+    state: StateName
+    calls: int  #: calls counted in the window
+    failures: int
+    failure_rate: float
+    open_for: float  #: seconds left open (0 unless open)
+    backend: Literal["redis", "local"]
+
+
+class _Lua:
+    """A script and its SHA1, computed once: EVALSHA sends 40 bytes instead of the script."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+# KEYS[1] = breaker; ARGV = now_ms, cooldown_ms, half_open_calls, ttl_ms.
+# Returns {code, ms}: admit / open (ms left) / trial admitted / half-open full (ms until the round lapses).
+_BEFORE = _Lua(
+    """
+local key = KEYS[1]
+local s = redis.call('HMGET', key, 'state', 'until', 'permits', 'since')
+local state = s[1]
+if not state or state == 'closed' then return {0, 0} end
+local now = tonumber(ARGV[1])
+local cooldown = tonumber(ARGV[2])
+if state == 'open' then
+  local left = (tonumber(s[2]) or 0) - now
+  if left > 0 then return {1, left} end
+  redis.call('HSET', key, 'state', 'half_open', 'permits', 1, 'successes', 0, 'since', now)
+  redis.call('PEXPIRE', key, ARGV[4])
+  return {2, 0}
+end
+local since = tonumber(s[4]) or now
+if now - since >= cooldown then
+  redis.call('HSET', key, 'permits', 1, 'successes', 0, 'since', now)
+  redis.call('PEXPIRE', key, ARGV[4])
+  return {2, 0}
+end
+if (tonumber(s[3]) or 0) < tonumber(ARGV[3]) then
+  redis.call('HINCRBY', key, 'permits', 1)
+  return {2, 0}
+end
+return {3, since + cooldown - now}
+"""
+)
+
+# KEYS[1] = breaker; ARGV = now_ms, outcome, window_ms, bucket_ms, min_calls, failure_rate,
+# cooldown_ms, half_open_calls, ttl_ms.
+# Returns {state, until_ms, counted (0/1), transition ('' / opened / reopened / closed)}.
+_RECORD = _Lua(
+    """
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local outcome = ARGV[2]
+local ttl = ARGV[9]
+local s = redis.call('HMGET', key, 'state', 'until', 'permits')
+local state = s[1] or 'closed'
+if state == 'open' then return {'open', tonumber(s[2]) or 0, 0, ''} end
+if state == 'half_open' then
+  if outcome == 'failure' then
+    local reopen = now + tonumber(ARGV[7])
+    redis.call('HSET', key, 'state', 'open', 'until', reopen, 'permits', 0, 'successes', 0)
+    redis.call('PEXPIRE', key, ttl)
+    return {'open', reopen, 0, 'reopened'}
+  end
+  if outcome == 'success' then
+    if redis.call('HINCRBY', key, 'successes', 1) >= tonumber(ARGV[8]) then
+      redis.call('DEL', key)
+      redis.call('HSET', key, 'state', 'closed', 'window', ARGV[3])
+      redis.call('PEXPIRE', key, ttl)
+      return {'closed', 0, 0, 'closed'}
+    end
+    return {'half_open', 0, 0, ''}
+  end
+  if (tonumber(s[3]) or 0) > 0 then redis.call('HINCRBY', key, 'permits', -1) end
+  return {'half_open', 0, 0, ''}
+end
+if outcome == 'ignored' then return {'closed', 0, 0, ''} end
+local bucket = tonumber(ARGV[4])
+local start = string.format('%d', math.floor(now / bucket) * bucket)
+redis.call('HINCRBY', key, 'c:' .. start, 1)
+if outcome == 'failure' then redis.call('HINCRBY', key, 'f:' .. start, 1) end
+local horizon = now - tonumber(ARGV[3])
+local calls, failures = 0, 0
+local fields = redis.call('HGETALL', key)
+for i = 1, #fields, 2 do
+  local name = fields[i]
+  local kind = string.sub(name, 1, 2)
+  if kind == 'c:' or kind == 'f:' then
+    if (tonumber(string.sub(name, 3)) or 0) <= horizon then
+      redis.call('HDEL', key, name)
+    elseif kind == 'c:' then
+      calls = calls + tonumber(fields[i + 1])
+    else
+      failures = failures + tonumber(fields[i + 1])
+    end
+  end
+end
+redis.call('HSET', key, 'state', 'closed', 'window', ARGV[3])
+redis.call('PEXPIRE', key, ttl)
+if calls >= tonumber(ARGV[5]) and failures / calls >= tonumber(ARGV[6]) - 1e-9 then
+  local reopen = now + tonumber(ARGV[7])
+  redis.call('HSET', key, 'state', 'open', 'until', reopen, 'permits', 0, 'successes', 0)
+  return {'open', reopen, 1, 'opened'}
+end
+return {'closed', 0, 1, ''}
+"""
+)
+
+# KEYS[1] = breaker; ARGV = until_ms, ttl_ms, window_ms. Opens it unless Redis already holds it open.
+_SEED = _Lua(
+    """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'open' or state == 'half_open' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'open', 'until', ARGV[1], 'permits', 0, 'successes', 0,
+  'window', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+)
+
+
+@cache
+def _redis_failures() -> tuple[type[BaseException], ...]:
+    """What a Redis call raises when Redis (or the network) fails; imported on first use."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError)
+
+
+@cache
+def _no_script() -> type[BaseException]:
+    from redis.exceptions import NoScriptError
+
+    return NoScriptError
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """A policy in the milliseconds the scripts work in."""
+
+    window: int
+    bucket: int
+    cooldown: int
+    ttl: int
+
+    @staticmethod
+    def of(policy: BreakerPolicy) -> _Timing:
+        window, cooldown = _ms(policy.window), _ms(policy.cooldown)
+        return _Timing(window, max(1, window // BUCKETS), cooldown, window + cooldown + EXPIRY_MARGIN_MS)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _split(key: str) -> tuple[str | None, str | None]:
+    provider, _, model = key.partition("/")
+    return provider or None, model or None
+
+
+def _rate(calls: int, failures: int) -> float:
+    return failures / calls if calls else 0.0
+
+
+def _trips(calls: int, failures: int, policy: BreakerPolicy) -> bool:
+    return calls >= policy.min_calls and failures / calls >= policy.failure_rate - RATE_EPSILON
+
+
+# --- the process-local breaker ---------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    timing: _Timing
+    touched: int
+    state: StateName = "closed"
+    reopen_at: int = 0
+    permits: int = 0
+    successes: int = 0
+    since: int = 0
+    #: bucket start (ms) -> [calls, failures]
+    buckets: dict[int, list[int]] = field(default_factory=dict)
+
+    def count(self, now: int, window: int) -> tuple[int, int]:
+        horizon = now - window
+        calls = failures = 0
+        for start, (c, f) in self.buckets.items():
+            if start > horizon:
+                calls += c
+                failures += f
+        return calls, failures
+
+    def add(self, now: int, outcome: Outcome) -> tuple[int, int]:
+        """Count ``outcome`` in the window, drop buckets that left it; the window's totals."""
+        start = now // self.timing.bucket * self.timing.bucket
+        bucket = self.buckets.setdefault(start, [0, 0])
+        bucket[0] += 1
+        if outcome == "failure":
+            bucket[1] += 1
+        horizon = now - self.timing.window
+        for old in [s for s in self.buckets if s <= horizon]:
+            del self.buckets[old]
+        return self.count(now, self.timing.window)
+
+    def open(self, reopen_at: int) -> None:
+        self.state, self.reopen_at, self.permits, self.successes = "open", reopen_at, 0, 0
+
+
+class _LocalBreakers:
+    """The same state machine as the Lua scripts, in this process's memory, under one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+
+    def _live(self, key: str, now: int) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None and now - entry.touched > entry.timing.ttl:
+            del self._entries[key]  # expired, as its Redis key would have
+            return None
+        return entry
+
+    def _entry(self, key: str, timing: _Timing, now: int) -> _Entry:
+        entry = self._live(key, now)
+        if entry is None:
+            entry = self._entries[key] = _Entry(timing, now)
+        entry.timing, entry.touched = timing, now
+        return entry
+
+    def before_call(self, key: str, policy: BreakerPolicy, timing: _Timing, now: int) -> tuple[int, int]:
+        with self.lock:
+            entry = self._live(key, now)
+            if entry is None or entry.state == "closed":
+                return _ADMIT, 0
+            if entry.state == "open":
+                left = entry.reopen_at - now
+                if left > 0:
+                    return _OPEN, left
+                entry.state = "half_open"
+            elif entry.permits < policy.half_open_calls and now - entry.since < timing.cooldown:
+                entry.permits += 1
+                return _TRIAL, 0
+            elif now - entry.since < timing.cooldown:
+                return _FULL, entry.since + timing.cooldown - now
+            # a new trial round: just half-open, or the last round lapsed
+            entry.permits, entry.successes, entry.since, entry.touched = 1, 0, now, now
+            return _TRIAL, 0
+
+    def record(
+        self, key: str, policy: BreakerPolicy, timing: _Timing, now: int, outcome: Outcome
+    ) -> tuple[StateName, int, str]:
+        with self.lock:
+            entry = self._live(key, now)
+            state = entry.state if entry is not None else "closed"
+            if entry is not None and state == "open":
+                return "open", entry.reopen_at, ""
+            if entry is not None and state == "half_open":
+                entry.timing, entry.touched = timing, now
+                if outcome == "failure":
+                    entry.open(now + timing.cooldown)
+                    return "open", entry.reopen_at, "reopened"
+                if outcome == "success":
+                    entry.successes += 1
+                    if entry.successes >= policy.half_open_calls:
+                        self._entries[key] = _Entry(timing, now)  # closed, with a fresh window
+                        return "closed", 0, "closed"
+                elif entry.permits > 0:
+                    entry.permits -= 1
+                return "half_open", 0, ""
+            if outcome == "ignored":
+                return "closed", 0, ""
+            entry = self._entry(key, timing, now)
+            calls, failures = entry.add(now, outcome)
+            if _trips(calls, failures, policy):
+                entry.open(now + timing.cooldown)
+                return "open", entry.reopen_at, "opened"
+            return "closed", 0, ""
+
+    def mirror_open(self, key: str, timing: _Timing, now: int, reopen_at: int) -> None:
+        """Redis said open: remember it, so that a Redis failure now does not close it here."""
+        with self.lock:
+            entry = self._live(key, now)
+            if entry is None or entry.state != "open" or entry.reopen_at != reopen_at:
+                self._entry(key, timing, now).open(reopen_at)
+
+    def mirror_record(
+        self,
+        key: str,
+        timing: _Timing,
+        now: int,
+        outcome: Outcome,
+        state: StateName,
+        reopen_at: int,
+        counted: bool,
+        transition: str,
+    ) -> None:
+        """Take the shared state after a record, and count this process's outcome in its own window."""
+        with self.lock:
+            if state == "closed" and not counted and self._live(key, now) is None:
+                return  # nothing worth remembering (an ignored call on a fresh breaker)
+            entry = self._entry(key, timing, now)
+            if transition == "closed":
+                entry.buckets.clear()  # closed from half-open: a fresh window, as in Redis
+            if counted:
+                entry.add(now, outcome)
+            if state == "open":
+                if entry.state != "open" or entry.reopen_at != reopen_at:
+                    entry.open(reopen_at)
+            elif state == "half_open":
+                if entry.state != "half_open":
+                    entry.state, entry.permits, entry.successes, entry.since = "half_open", 0, 0, now
+            else:
+                entry.state, entry.permits, entry.successes = "closed", 0, 0
+
+    def open_breakers(self, now: int) -> list[tuple[str, _Timing, int]]:
+        with self.lock:
+            return [
+                (key, entry.timing, entry.reopen_at)
+                for key, entry in list(self._entries.items())
+                if self._live(key, now) is not None and entry.state == "open" and entry.reopen_at > now
+            ]
+
+    def snapshot(self, key: str, window: int | None, now: int) -> BreakerState:
+        with self.lock:
+            entry = self._live(key, now)
+            return _local_state(key, entry, window, now)
+
+    def snapshots(self, now: int) -> list[BreakerState]:
+        with self.lock:
+            keys = [key for key in list(self._entries) if self._live(key, now) is not None]
+            return [_local_state(key, self._entries[key], None, now) for key in keys]
+
+
+def _local_state(key: str, entry: _Entry | None, window: int | None, now: int) -> BreakerState:
+    if entry is None:
+        return BreakerState(key, "closed", 0, 0, 0.0, 0.0, "local")
+    calls, failures = entry.count(now, window if window is not None else entry.timing.window)
+    return _make_state(key, entry.state, entry.reopen_at, calls, failures, now, "local")
+
+
+def _make_state(
+    key: str,
+    state: str,
+    reopen_at: int,
+    calls: int,
+    failures: int,
+    now: int,
+    backend: Literal["redis", "local"],
+) -> BreakerState:
+    name: StateName = "open" if state == "open" else "half_open" if state == "half_open" else "closed"
+    open_for = 0.0
+    if name == "open":
+        if reopen_at > now:
+            open_for = (reopen_at - now) / 1000
+        else:
+            name = "half_open"  # the cool-down is over: the next call is a trial
+    return BreakerState(key, name, calls, failures, _rate(calls, failures), open_for, backend)
+
+
+# --- fork safety -------------------------------------------------------------------
+
+_instances: weakref.WeakSet[CircuitBreakers] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork time stays locked forever in the child.
+    for breakers in list(_instances):
+        breakers._gate = threading.Lock()
+        breakers._local.lock = threading.Lock()
+        breakers._probing = False  # the parent's probe thread does not exist here
+
+
+on_fork_in_child(_after_fork_in_child)
+
+
+# --- the shared breakers ----------------------------------------------------------------
+
+
+class CircuitBreakers:
+    """Breakers per ``provider/model``: in Redis when it answers, in this process otherwise.
+
+    ``redis_client()`` returns the app's Redis client, or None (or raises
+    :class:`~app.errors.ServiceNotConfiguredError`) when REDIS_URL is unset.
+    It is called on each use, so a reset or reconfigured client is picked up.
+    """
+
+    def __init__(
+        self,
+        redis_client: Callable[[], Redis | None],
+        namespace: str = "llm:breaker",
+        clock: Callable[[], float] = time.time,
+        *,
+        retry_interval: float = 0.5,
+        warn_interval: float = 30.0,
+    ) -> None:
+        self._redis_client = redis_client
+        self.namespace = namespace
+        self._prefix = f"{namespace}:"
+        self._clock = clock
+        #: Seconds a failed (or absent) Redis is skipped before a background probe tries it again.
+        self.retry_interval = retry_interval
+        #: Seconds between two warnings that the state is local.
+        self.warn_interval = warn_interval
+        self._local = _LocalBreakers()
+        self._gate = threading.Lock()
+        #: time.monotonic() before which Redis is not tried; 0 while Redis answers.
+        self._skip_until = 0.0
+        self._down = False
+        #: Whether a thread is probing Redis now.
+        self._probing = False
+        self._last_warning = -math.inf
+        self._told_unconfigured = False
+        _instances.add(self)
+
+    # --- the calls ------------------------------------------------------------------
+
+    def before_call(self, key: str, policy: BreakerPolicy) -> None:
+        """Return if a call to ``key`` may go ahead; raise :class:`LLMCircuitOpenError` if not.
+
+        Closed: one EVALSHA (or pure memory in local mode). Open: rejected with
+        the time left. After the cool-down: half-open, and exactly
+        ``policy.half_open_calls`` trial calls pass, across every process.
+        """
+        now = self._now()
+        timing = _Timing.of(policy)
+        client = self._acquire()
+        if client is not None:
+            try:
+                reply = self._run(
+                    client, _BEFORE, key, now, timing.cooldown, policy.half_open_calls, timing.ttl
+                )
+            except _redis_failures() as exc:
+                self._failed(exc)
+            else:
+                code, ms = int(reply[0]), int(reply[1])
+                if code in (_ADMIT, _TRIAL):
+                    return
+                if code == _OPEN:
+                    self._local.mirror_open(key, timing, now, now + ms)
+                raise self._open_error(key, code, ms, policy)
+        code, ms = self._local.before_call(key, policy, timing, now)
+        if code in (_ADMIT, _TRIAL):
+            return
+        raise self._open_error(key, code, ms, policy)
+
+    def record(self, key: str, policy: BreakerPolicy, outcome: Outcome) -> None:
+        """Count the outcome of a call that ``before_call`` let through.
+
+        ``failure``: a retryable failure (the executor decides). ``ignored``
+        (e.g. a 400) counts nothing but gives back a half-open trial permit.
+        """
+        if outcome not in _OUTCOMES:
+            raise ValueError(f"outcome must be one of {sorted(_OUTCOMES)}, got {outcome!r}")
+        now = self._now()
+        timing = _Timing.of(policy)
+        client = self._acquire()
+        if client is not None:
+            try:
+                reply = self._run(
+                    client,
+                    _RECORD,
+                    key,
+                    now,
+                    outcome,
+                    timing.window,
+                    timing.bucket,
+                    policy.min_calls,
+                    repr(float(policy.failure_rate)),
+                    timing.cooldown,
+                    policy.half_open_calls,
+                    timing.ttl,
+                )
+            except _redis_failures() as exc:
+                self._failed(exc)
+            else:
+                state = cast(StateName, _text(reply[0]))
+                reopen_at, counted, transition = int(reply[1]), bool(int(reply[2])), _text(reply[3])
+                self._local.mirror_record(key, timing, now, outcome, state, reopen_at, counted, transition)
+                self._log_transition(key, transition, policy, "redis")
+                return
+        _, _, transition = self._local.record(key, policy, timing, now, outcome)
+        self._log_transition(key, transition, policy, "local")
+
+    def state(self, key: str, policy: BreakerPolicy) -> BreakerState:
+        """The state of one breaker, its window counted with ``policy``."""
+        now = self._now()
+        window = _Timing.of(policy).window
+        client = self._acquire()
+        if client is not None:
+            try:
+                fields = cast(dict[Any, Any], client.hgetall(self._prefix + key))
+            except _redis_failures() as exc:
+                self._failed(exc)
+            else:
+                return _redis_state(key, fields, window, now)
+        return self._local.snapshot(key, window, now)
+
+    def states(self) -> list[BreakerState]:
+        """Every breaker known: the namespace in Redis (SCAN), else this process's own."""
+        now = self._now()
+        client = self._acquire()
+        if client is not None:
+            try:
+                names = [_text(name) for name in client.scan_iter(match=_glob(self._prefix) + "*", count=500)]
+                pipe = client.pipeline(transaction=False)
+                for name in names:
+                    pipe.hgetall(name)
+                replies = pipe.execute()
+            except _redis_failures() as exc:
+                self._failed(exc)
+            else:
+                return [
+                    _redis_state(name[len(self._prefix) :], fields, None, now)
+                    for name, fields in zip(names, replies, strict=True)
+                    if fields
+                ]
+        return self._local.snapshots(now)
+
+    # --- Redis, or why not ---------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _run(self, client: Redis, script: _Lua, key: str, *args: Any) -> list[Any]:
+        keys_and_args = (self._prefix + key, *(str(arg) for arg in args))
+        try:
+            reply = client.evalsha(script.sha, 1, *keys_and_args)
+        except _no_script():  # a restarted (or flushed) Redis forgot it: EVAL caches it again
+            reply = client.eval(script.source, 1, *keys_and_args)
+        return cast(list[Any], reply)
+
+    def _acquire(self) -> Redis | None:
+        """The Redis client to use now, or None to use the local breaker.
+
+        While Redis is skipped, one probe at a time runs in a thread of its own
+        every ``retry_interval``: no call waits for a dead or hung Redis, except
+        those already in flight when it died.
+        """
+        probe = False
+        if self._skip_until:
+            now = time.monotonic()
+            if now < self._skip_until:
+                return None
+            with self._gate:
+                if now < self._skip_until or self._probing:
+                    return None
+                self._skip_until = now + self.retry_interval
+                self._probing = probe = True
+        client: Redis | None = None
+        try:
+            client = self._redis_client()  # opens no connection; called here, in the caller's context
+        except ServiceNotConfiguredError:
+            self._unconfigured()
+        except Exception as exc:  # the client could not even be built: as good as down
+            self._failed(exc)
+        else:
+            if client is None:
+                self._unconfigured()
+        if probe:
+            if client is None:
+                self._probing = False
+            else:
+                self._start_probe(client)
+            return None
+        return client
+
+    def _start_probe(self, client: Redis) -> None:
+        try:
+            threading.Thread(
+                target=self._probe, args=(client,), name="llm-breaker-redis-probe", daemon=True
+            ).start()
+        except RuntimeError:  # no new threads (the interpreter is shutting down): stay local
+            self._probing = False
+
+    def _probe(self, client: Redis) -> None:
+        try:
+            self._reconnect(client)
+        finally:
+            self._probing = False
+
+    def _reconnect(self, client: Redis) -> bool:
+        """Probe Redis; if it answers, write this process's open breakers into it and use it again."""
+        now = self._now()
+        try:
+            opened = self._local.open_breakers(now)
+            for key, timing, reopen_at in opened:
+                self._run(client, _SEED, key, reopen_at, timing.ttl, timing.window)
+            if not opened:
+                client.ping()
+        except _redis_failures() as exc:
+            self._failed(exc)
+            return False
+        with self._gate:
+            was_down, self._down, self._skip_until = self._down, False, 0.0
+        if was_down:
+            logger.warning("Redis answers again: circuit breaker state is shared across processes again")
+        return True
+
+    def _failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._gate:
+            self._down = True
+            self._skip_until = now + self.retry_interval
+            warn = now - self._last_warning >= self.warn_interval
+            if warn:
+                self._last_warning = now
+        if warn:  # one line per interval, never a traceback per call
+            logger.warning(
+                "Redis is unavailable (%s: %s): circuit breaker state is local to this process"
+                " until Redis answers again (retried every %.1f s)",
+                type(exc).__name__,
+                redact(str(exc)),
+                self.retry_interval,
+            )
+
+    def _unconfigured(self) -> None:
+        with self._gate:
+            self._skip_until = time.monotonic() + self.retry_interval
+            tell, self._told_unconfigured = not self._told_unconfigured, True
+        if tell:
+            logger.warning(
+                "REDIS_URL is not set: circuit breaker state is local to each process,"
+                " so each worker opens its breakers on its own"
+            )
+
+    def _open_error(self, key: str, code: int, ms: int, policy: BreakerPolicy) -> LLMCircuitOpenError:
+        provider, model = _split(key)
+        seconds = max(ms, 0) / 1000
+        if code == _OPEN:
+            message = f"circuit breaker open: no request made; trial calls in {seconds:.1f} s"
+        else:
+            message = (
+                f"circuit breaker half-open: its {policy.half_open_calls} trial call(s) are in flight;"
+                " no request made"
+            )
+        return LLMCircuitOpenError(message, provider=provider, model=model, retry_after=seconds)
+
+    def _log_transition(self, key: str, transition: str, policy: BreakerPolicy, backend: str) -> None:
+        if transition in ("opened", "reopened"):
+            logger.warning(
+                "circuit breaker %s %s (%s): no calls for %g s, then %d trial call(s)",
+                key,
+                transition,
+                backend,
+                policy.cooldown,
+                policy.half_open_calls,
+            )
+        elif transition == "closed":
+            logger.info("circuit breaker %s closed (%s): its trial calls succeeded", key, backend)
+
+
+def _redis_state(key: str, raw: dict[Any, Any], window: int | None, now: int) -> BreakerState:
+    fields = {_text(name): _text(value) for name, value in raw.items()}
+    if window is None:
+        window = int(fields.get("window") or 0)
+    horizon = now - window
+    calls = failures = 0
+    for name, value in fields.items():
+        kind, _, start = name.partition(":")
+        if kind in ("c", "f") and start.lstrip("-").isdigit() and int(start) > horizon:
+            if kind == "c":
+                calls += int(value)
+            else:
+                failures += int(value)
+    reopen_at = int(float(fields.get("until") or 0))
+    return _make_state(key, fields.get("state", "closed"), reopen_at, calls, failures, now, "redis")
+
+
+def _glob(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)

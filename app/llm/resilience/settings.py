@@ -1,0 +1,187 @@
+"""The resilience settings, validated at start-up, with per-provider overrides.
+
+Every ``LLM_*`` key below is a default for all providers; ``LLM_POLICY``
+(a JSON object) overrides any of them per provider, e.g.
+``{"gemini": {"max_retries": 1}, "openai": {"breaker_cooldown": 10}}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from app.config import get_mapping, parse_count, parse_seconds
+from app.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    #: Retries after the first attempt (so attempts = max_retries + 1).
+    max_retries: int = 2
+    #: Full-jitter exponential backoff: a random delay in [0, min(backoff_max, base * 2**n)].
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    #: A server-requested delay (Retry-After, retry-after-ms, RetryInfo) longer than this fails at once.
+    retry_after_max: float = 60.0
+    #: Seconds for the whole call: every attempt and every wait together.
+    deadline: float = 120.0
+    #: Seconds for one attempt; None: the client's own timeout (OPENAI_TIMEOUT, ...).
+    attempt_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    #: Seconds of history the failure rate is computed over.
+    window: float = 60.0
+    #: Calls in the window before the breaker may open.
+    min_calls: int = 10
+    #: Failure rate (0-1] of retryable failures that opens the breaker.
+    failure_rate: float = 0.5
+    #: Seconds the breaker stays open before it admits trial calls.
+    cooldown: float = 30.0
+    #: Trial calls admitted while half-open; all must succeed to close it.
+    half_open_calls: int = 1
+
+
+@dataclass(frozen=True)
+class LimitPolicy:
+    #: Requests per minute (None: unlimited).
+    rpm: int | None = None
+    #: Tokens per minute, estimated from the request and corrected by the usage (None: unlimited).
+    tpm: int | None = None
+    #: Seconds a call may wait for the limit before LLMRateLimitError.
+    max_wait: float = 10.0
+
+
+@dataclass(frozen=True)
+class BulkheadPolicy:
+    #: Calls in flight per provider per process.
+    max_concurrency: int = 32
+    #: Seconds a call waits for a free slot before LLMBulkheadFullError.
+    max_wait: float = 1.0
+
+
+@dataclass(frozen=True)
+class ProviderPolicy:
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
+    limits: LimitPolicy = LimitPolicy()
+    bulkhead: BulkheadPolicy = BulkheadPolicy()
+
+
+#: Config key -> (section, field).
+KEYS: dict[str, tuple[str, str]] = {
+    "LLM_MAX_RETRIES": ("retry", "max_retries"),
+    "LLM_BACKOFF_BASE": ("retry", "backoff_base"),
+    "LLM_BACKOFF_MAX": ("retry", "backoff_max"),
+    "LLM_RETRY_AFTER_MAX": ("retry", "retry_after_max"),
+    "LLM_DEADLINE": ("retry", "deadline"),
+    "LLM_ATTEMPT_TIMEOUT": ("retry", "attempt_timeout"),
+    "LLM_BREAKER_WINDOW": ("breaker", "window"),
+    "LLM_BREAKER_MIN_CALLS": ("breaker", "min_calls"),
+    "LLM_BREAKER_FAILURE_RATE": ("breaker", "failure_rate"),
+    "LLM_BREAKER_COOLDOWN": ("breaker", "cooldown"),
+    "LLM_BREAKER_HALF_OPEN_CALLS": ("breaker", "half_open_calls"),
+    "LLM_RATE_LIMIT_MAX_WAIT": ("limits", "max_wait"),
+    "LLM_MAX_CONCURRENCY": ("bulkhead", "max_concurrency"),
+    "LLM_BULKHEAD_MAX_WAIT": ("bulkhead", "max_wait"),
+}
+#: The defaults as config (for app.config.DEFAULTS and .env.example).
+DEFAULTS: dict[str, Any] = {
+    key: getattr(getattr(ProviderPolicy(), section), name) for key, (section, name) in KEYS.items()
+}
+
+
+def _parse(key: str, field_name: str, value: Any) -> Any:
+    if value is None or value == "":
+        return None
+    if field_name in ("max_retries", "min_calls", "half_open_calls", "max_concurrency", "rpm", "tpm"):
+        count = parse_count(value, key)
+        if field_name in ("half_open_calls", "max_concurrency", "rpm", "tpm", "min_calls") and count < 1:
+            raise ConfigError(f"{key} must be a whole number of 1 or more, got {value!r}")
+        return count
+    if field_name == "failure_rate":
+        rate = parse_seconds(value, key) if not isinstance(value, bool) else -1
+        if not 0 < rate <= 1:
+            raise ConfigError(f"{key} must be a number in (0, 1], got {value!r}")
+        return rate
+    if field_name in ("backoff_base",):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = -1.0
+        if number < 0 or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number of seconds of 0 or more, got {value!r}")
+        return number
+    return parse_seconds(value, key)
+
+
+def _apply(policy: ProviderPolicy, key: str, section: str, field_name: str, value: Any) -> ProviderPolicy:
+    parsed = _parse(key, field_name, value)
+    if parsed is None and field_name not in ("attempt_timeout", "rpm", "tpm"):
+        return policy
+    part = getattr(policy, section)
+    return replace(policy, **{section: replace(part, **{field_name: parsed})})
+
+
+_OVERRIDE_FIELDS = {
+    **{name: (section, name) for section, name in KEYS.values() if name not in ("max_wait",)},
+    "breaker_window": ("breaker", "window"),
+    "breaker_min_calls": ("breaker", "min_calls"),
+    "breaker_failure_rate": ("breaker", "failure_rate"),
+    "breaker_cooldown": ("breaker", "cooldown"),
+    "breaker_half_open_calls": ("breaker", "half_open_calls"),
+    "rpm": ("limits", "rpm"),
+    "tpm": ("limits", "tpm"),
+    "rate_limit_max_wait": ("limits", "max_wait"),
+    "bulkhead_max_wait": ("bulkhead", "max_wait"),
+}
+
+
+@dataclass(frozen=True)
+class ResilienceSettings:
+    base: ProviderPolicy
+    #: Per provider (``openai``, ``gemini``, a profile name) or per ``provider/model``.
+    overrides: Mapping[str, ProviderPolicy]
+    #: ``provider/model`` -> the models to try next, in order.
+    fallbacks: Mapping[str, tuple[str, ...]]
+
+    def policy(self, provider: str, model: str) -> ProviderPolicy:
+        return self.overrides.get(f"{provider}/{model}") or self.overrides.get(provider) or self.base
+
+
+def parse_resilience_settings(config: Mapping[str, Any]) -> ResilienceSettings:
+    base = ProviderPolicy()
+    for key, (section, name) in KEYS.items():
+        if key in config:
+            base = _apply(base, key, section, name, config[key])
+    overrides: dict[str, ProviderPolicy] = {}
+    for target, raw in get_mapping(config, "LLM_POLICY").items():
+        where = f"LLM_POLICY[{target!r}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where} must be a mapping of settings")
+        unknown = sorted(set(raw) - set(_OVERRIDE_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"{where} has unknown settings {unknown}; expected some of {sorted(_OVERRIDE_FIELDS)}"
+            )
+        policy = base
+        for name, value in raw.items():
+            section, field_name = _OVERRIDE_FIELDS[name]
+            policy = _apply(policy, f"{where}.{name}", section, field_name, value)
+        overrides[target] = policy
+    for target, raw in get_mapping(config, "LLM_RATE_LIMITS").items():
+        where = f"LLM_RATE_LIMITS[{target!r}]"
+        if not isinstance(raw, Mapping) or set(raw) - {"rpm", "tpm"}:
+            raise ConfigError(f"{where} must be a mapping with rpm and/or tpm")
+        policy = overrides.get(target, base)
+        for name, value in raw.items():
+            policy = _apply(policy, f"{where}.{name}", "limits", name, value)
+        overrides[target] = policy
+    fallbacks: dict[str, tuple[str, ...]] = {}
+    for model, chain in get_mapping(config, "LLM_FALLBACKS").items():
+        if not isinstance(chain, list) or not all(isinstance(m, str) and "/" in m for m in chain):
+            raise ConfigError(f"LLM_FALLBACKS[{model!r}] must be a list of 'provider/model' names")
+        fallbacks[model] = tuple(chain)
+    return ResilienceSettings(base=base, overrides=overrides, fallbacks=fallbacks)
