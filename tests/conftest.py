@@ -118,25 +118,32 @@ def keepalive_server() -> Iterator[KeepAliveServer]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def _session_http_server() -> Iterator[HTTPServer]:
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.stop()
+class LocalHTTPServer(HTTPServer):
+    """pytest-httpserver that stops in milliseconds: its loop polls for shutdown every 20 ms.
+
+    werkzeug's default poll interval (0.5 s) made every test with a server of
+    its own half a second slower; a server shared between tests instead let a
+    late request of one test (an SDK retry in flight) land in the next one's log.
+    """
+
+    def thread_target(self) -> None:
+        assert self.server is not None
+        self.server.serve_forever(poll_interval=0.02)
 
 
 @pytest.fixture
-def local_server(_session_http_server: HTTPServer) -> Iterator[HTTPServer]:
-    """A threaded pytest-httpserver on 127.0.0.1, cleared for each test.
+def local_server() -> Iterator[HTTPServer]:
+    """A threaded HTTP server on 127.0.0.1 of the test's own.
 
-    One server serves the session (stopping one costs werkzeug's 0.5 s poll);
     werkzeug closes every connection after a response, so tests about
     connection reuse use ``keepalive_server``.
     """
-    _session_http_server.clear()
-    yield _session_http_server
-    _session_http_server.clear()
+    server = LocalHTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.start()
+    yield server
+    server.clear()
+    if server.is_running():
+        server.stop()
 
 
 #: Where Prism is installed with npm: kept between sessions, so only the first run pays for it.

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from app.config import DEFAULTS
@@ -112,16 +111,6 @@ def diag_until_two_workers(port: int, max_requests: int = 200, budget: float = 2
 
 
 # --- the local OpenAI server ---------------------------------------------------
-
-
-@pytest.fixture
-def local_server() -> Iterator[HTTPServer]:
-    """A server of this test's own: the session's shared one may still get a late
-    request from an earlier test, which these per-connection counts must not see."""
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    yield server
-    server.stop()
 
 
 def openai_upstream(local_server: Any) -> None:

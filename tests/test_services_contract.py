@@ -16,7 +16,7 @@ from app.services import db_service, genai_service, init_services, openai_servic
 from app.services.genai_service import get_genai_client, reset_genai_client
 from app.services.openai_service import get_async_openai_client, get_openai_client, reset_openai_client
 from app.services.redis_service import get_redis_client, reset_redis_client
-from tests.conftest import CANARY_GEMINI_KEY, CANARY_KEY, ROOT, chat_completion
+from tests.conftest import CANARY_GEMINI_KEY, CANARY_KEY, ROOT, LocalHTTPServer, chat_completion
 
 SERVICES = {
     "db_service": db_service,
@@ -31,7 +31,7 @@ OTHER_KEY = "sk-other-app-0123456789abcdef0123456789ab"
 @pytest.fixture
 def other_server() -> Iterator[HTTPServer]:
     """A second local HTTP server, for tests with two apps."""
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server = LocalHTTPServer(host="127.0.0.1", port=0, threaded=True)
     server.start()
     yield server
     server.clear()
