@@ -24,11 +24,7 @@ from app.connectors.anthropic_connector import AnthropicConnector, parse_anthrop
 from app.errors import ConfigError, ServiceNotConfiguredError, UnknownProfileError
 from app.llm.errors import LLMBadRequestError, LLMError, LLMNotConfiguredError
 from app.llm.providers.base import ChatRequest, EmbedRequest, Provider, StreamEvent
-from app.llm.resilience.breaker import CircuitBreakers
-from app.llm.resilience.bulkhead import Bulkheads
-from app.llm.resilience.executor import Attempt, Guards, falls_back
-from app.llm.resilience.ratelimit import RateLimiter, estimate_tokens
-from app.llm.resilience.settings import parse_resilience_settings
+from app.llm.resilience.settings import ResilienceSettings, parse_resilience_settings
 from app.llm.streaming import AsyncChatStream, ChatStream
 from app.llm.structured import is_response_format, parse_structured
 from app.llm.tools import normalise_tool_choice, normalise_tools
@@ -38,6 +34,7 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from app.llm.ollama import OllamaManager
+    from app.llm.resilience.executor import Attempt, Guards
 
 EXTENSION_KEY = "llm"
 OPENAI_PROVIDER = "openai"  # addresses the "default" OpenAI profile
@@ -56,13 +53,31 @@ def split_model(model: str, *, setting: str = "model") -> tuple[str, str]:
 class LLM:
     """One app's LLM layer: provider resolution and the calls."""
 
-    def __init__(self, app: Flask, default_model: str | None, guards: Guards) -> None:
+    def __init__(self, app: Flask, default_model: str | None, resilience: ResilienceSettings) -> None:
         self._app = weakref.ref(app)
         self.default_model = default_model
-        self.guards = guards
+        self.resilience = resilience
+        self._guards: Guards | None = None
         self._providers: dict[str, Provider] = {}
         self._custom: dict[str, Callable[[str], Provider]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def guards(self) -> Guards:
+        """The resilience state (breakers, rate limits, bulkheads), built on the first call.
+
+        Built lazily so that start-up imports none of it: an app whose first
+        request is /livez should not pay for the machinery of LLM calls.
+        """
+        guards = self._guards
+        if guards is None:
+            with self._lock:
+                if self._guards is None:
+                    app = self._app()
+                    assert app is not None
+                    self._guards = _build_guards(app, self.resilience)
+                guards = self._guards
+        return guards
 
     # --- providers ---------------------------------------------------------
 
@@ -197,7 +212,7 @@ class LLM:
         address = model or self.default_model
         if not address:
             raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set")
-        extra = fallbacks if fallbacks is not None else self.guards.settings.fallbacks.get(address, ())
+        extra = fallbacks if fallbacks is not None else self.resilience.fallbacks.get(address, ())
         if isinstance(extra, str):
             raise LLMBadRequestError("fallbacks must be a list of 'provider/model' names")
         return list(dict.fromkeys([address, *extra]))  # each model at most once
@@ -238,13 +253,13 @@ class LLM:
                 response: ChatResponse = self.guards.call(
                     request,
                     lambda r, p=provider: self._invoke(p, p.chat, r),  # type: ignore[misc]
-                    tokens=estimate_tokens(request),
+                    tokens=self.guards.estimate_tokens(request),
                     usage=_response_tokens,
                     attempts=attempts,
                 )
             except LLMError as error:
                 error.attempts = attempts  # type: ignore[attr-defined]
-                if index + 1 < len(chain) and falls_back(error):
+                if index + 1 < len(chain) and self.guards.falls_back(error):
                     continue
                 raise
             response.attempts = attempts
@@ -278,11 +293,15 @@ class LLM:
 
             try:
                 events = self.guards.stream(
-                    request, provider.stream, typed, tokens=estimate_tokens(request), attempts=attempts
+                    request,
+                    provider.stream,
+                    typed,
+                    tokens=self.guards.estimate_tokens(request),
+                    attempts=attempts,
                 )
             except LLMError as error:
                 error.attempts = attempts  # type: ignore[attr-defined]
-                if index + 1 < len(chain) and falls_back(error):
+                if index + 1 < len(chain) and self.guards.falls_back(error):
                     continue
                 raise
             return ChatStream(request, events, typed, attempts=attempts)
@@ -323,13 +342,13 @@ class LLM:
                 response: ChatResponse = await self.guards.acall(
                     request,
                     lambda r, p=provider: self._ainvoke(p, p.achat, r),  # type: ignore[misc]
-                    tokens=estimate_tokens(request),
+                    tokens=self.guards.estimate_tokens(request),
                     usage=_response_tokens,
                     attempts=attempts,
                 )
             except LLMError as error:
                 error.attempts = attempts  # type: ignore[attr-defined]
-                if index + 1 < len(chain) and falls_back(error):
+                if index + 1 < len(chain) and self.guards.falls_back(error):
                     continue
                 raise
             response.attempts = attempts
@@ -379,14 +398,18 @@ class LLM:
                 return self._typed(p, exc, c)
 
             events = self.guards.astream(
-                request, provider.astream, typed, tokens=estimate_tokens(request), attempts=attempts
+                request,
+                provider.astream,
+                typed,
+                tokens=self.guards.estimate_tokens(request),
+                attempts=attempts,
             )
             try:
                 first = await anext(events, None)
             except LLMError as error:
                 await events.aclose()
                 error.attempts = attempts  # type: ignore[attr-defined]
-                if index + 1 < len(requests) and falls_back(error):
+                if index + 1 < len(requests) and self.guards.falls_back(error):
                     continue
                 raise
             stream().retarget(request)  # the answer comes from this model
@@ -461,15 +484,18 @@ def init_app(app: Flask) -> None:
         register(app, AnthropicConnector(parse_anthropic_settings(app.config)))
     if EXTENSION_KEY in app.extensions:
         raise RuntimeError(f"app.llm.init_app() was already called on app {app.name!r}")
-    app.extensions[EXTENSION_KEY] = LLM(app, default_model, _guards(app))
+    app.extensions[EXTENSION_KEY] = LLM(app, default_model, parse_resilience_settings(app.config))
 
 
-def _guards(app: Flask) -> Guards:
+def _build_guards(app: Flask, settings: ResilienceSettings) -> Guards:
     """The app's resilience state: breakers and rate limits in Redis when REDIS_URL is set."""
     from app.connectors.redis_connector import EXTENSION_KEY as REDIS_KEY
     from app.connectors.redis_connector import RedisConnector
+    from app.llm.resilience.breaker import CircuitBreakers
+    from app.llm.resilience.bulkhead import Bulkheads
+    from app.llm.resilience.executor import Guards
+    from app.llm.resilience.ratelimit import RateLimiter
 
-    settings = parse_resilience_settings(app.config)
     app_ref = weakref.ref(app)
 
     def redis_connector() -> RedisConnector | None:

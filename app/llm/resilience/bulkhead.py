@@ -14,7 +14,6 @@ flight finish). Counts are per process: a forked child starts with none.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
 import weakref
@@ -27,6 +26,8 @@ from app.connectors._base import on_fork_in_child
 from app.llm.errors import LLMBulkheadFullError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from app.llm.resilience.settings import BulkheadPolicy
 
 
@@ -211,6 +212,8 @@ class AsyncSlot(_SlotBase, AbstractAsyncContextManager[None]):
     """One slot for an async call, taken on ``__aenter__`` without blocking the event loop."""
 
     async def __aenter__(self) -> None:
+        import asyncio  # only async callers pay for it
+
         compartment = self._compartment
         waiter: _Waiter | None = None
         if self._max_wait > 0:

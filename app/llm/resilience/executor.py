@@ -10,18 +10,17 @@ try to the list they are given, so fallbacks can show the path taken.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from app.llm.errors import LLMBulkheadFullError, LLMCircuitOpenError, LLMError, LLMTimeoutError
 from app.llm.providers.base import ChatRequest, EmbedRequest, StreamEnd, StreamEvent
 from app.llm.resilience.breaker import CircuitBreakers
 from app.llm.resilience.bulkhead import Bulkheads
-from app.llm.resilience.ratelimit import RateLimiter, Reservation
+from app.llm.resilience.ratelimit import RateLimiter, Reservation, estimate_tokens
 from app.llm.resilience.retry import is_retryable, next_delay
 from app.llm.resilience.settings import ProviderPolicy, ResilienceSettings
 
@@ -50,6 +49,9 @@ def falls_back(error: LLMError) -> bool:
 
 class Guards:
     """One app's resilience state and the loop that applies it."""
+
+    falls_back = staticmethod(falls_back)
+    estimate_tokens = staticmethod(estimate_tokens)
 
     def __init__(
         self,
@@ -197,7 +199,7 @@ class Guards:
             delay = self._give_up(error, retry, policy, deadline_at)
             if delay is None:
                 raise error
-            await asyncio.sleep(delay)
+            await _async_sleep(delay)
             retry += 1
 
     # --- streams ---------------------------------------------------------------
@@ -241,9 +243,18 @@ class Guards:
                     error = _typed(typed, exc)
                     _close(events)
                     slot.__exit__(None, None, None)
+                except BaseException:  # interrupted (a gevent Timeout, KeyboardInterrupt): give all back
+                    _close(events)
+                    slot.__exit__(None, None, None)
+                    self.breakers.record(key, policy.breaker, "ignored")
+                    raise
                 else:
                     attempts.append(Attempt(key, "ok", (self._clock() - attempt_started) * 1000))
-                    return self._relay(key, policy, reservation, first, events, slot, typed)
+                    relay = self._relay(key, policy, reservation, first, events, slot, typed)
+                    # Run it to its first (empty) yield, inside its try: from now on, closing it
+                    # before reading (or dropping it) still frees the slot and closes upstream.
+                    next(relay)
+                    return cast(Iterator[StreamEvent], relay)
             self._record(key, policy, error)
             attempts.append(
                 Attempt(
@@ -265,11 +276,13 @@ class Guards:
         events: Iterator[StreamEvent],
         slot: Any,
         typed: Callable[[BaseException], LLMError],
-    ) -> Iterator[StreamEvent]:
+    ) -> Generator[StreamEvent | None, None, None]:
+        """The events of an open stream; its first ``None`` is taken by :meth:`stream` itself."""
         used: int | None = None
         error: LLMError | None = None
         finished = False
         try:
+            yield None
             if first is not None:
                 used = _usage(first, used)
                 yield first
@@ -305,10 +318,13 @@ class Guards:
         """The async twin of :meth:`stream`: retries until the first event, then relays."""
         key = f"{request.provider}/{request.model}"
         policy = self.settings.policy(request.provider, request.model)
+        deadline_at = self._clock() + policy.retry.deadline  # the rate-limit wait counts, as in stream()
         reservation = await self.limiter.aacquire(
             key, policy.limits, tokens, min(policy.limits.max_wait, policy.retry.deadline)
         )
-        first, events, slot = await self._aopen(key, policy, request, open_events, typed, attempts)
+        first, events, slot = await self._aopen(
+            key, policy, request, open_events, typed, attempts, deadline_at
+        )
         used: int | None = None
         failure: LLMError | None = None
         finished = False
@@ -344,9 +360,9 @@ class Guards:
         open_events: Callable[[ChatRequest], AsyncIterator[StreamEvent]],
         typed: Callable[[BaseException], LLMError],
         attempts: list[Attempt],
+        deadline_at: float,
     ) -> tuple[StreamEvent | None, AsyncIterator[StreamEvent], Any]:
         """Open the stream and read its first event, retrying as the policy allows."""
-        deadline_at = self._clock() + policy.retry.deadline
         retry = 0
         while True:
             remaining = deadline_at - self._clock()
@@ -370,6 +386,11 @@ class Guards:
                     error = _typed(typed, exc)
                     await _aclose(events)
                     await slot.__aexit__(None, None, None)
+                except BaseException:  # cancelled while waiting for the first event: give all back
+                    await slot.__aexit__(None, None, None)
+                    self.breakers.record(key, policy.breaker, "ignored")
+                    await _aclose(events)
+                    raise
                 else:
                     attempts.append(Attempt(key, "ok", (self._clock() - attempt_started) * 1000))
                     return first, events, slot
@@ -382,8 +403,14 @@ class Guards:
             delay = self._give_up(error, retry, policy, deadline_at)
             if delay is None:
                 raise error
-            await asyncio.sleep(delay)
+            await _async_sleep(delay)
             retry += 1
+
+
+async def _async_sleep(seconds: float) -> None:
+    import asyncio  # only async callers pay for it
+
+    await asyncio.sleep(seconds)
 
 
 def _typed(typed: Callable[[BaseException], LLMError], exc: BaseException) -> LLMError:

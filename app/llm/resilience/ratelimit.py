@@ -40,7 +40,6 @@ Neither ``limits`` nor ``redis`` is imported until a limit is first checked.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -206,6 +205,8 @@ class RateLimiter:
         """:meth:`acquire` for async callers: checks run in a worker thread, waits are ``asyncio.sleep``."""
         if not policy.rpm and not policy.tpm:
             return None
+        import asyncio  # only async callers with a limit pay for it
+
         cost = self._cost(policy, tokens)
         started = time.monotonic()
         deadline = started + max(0.0, max_wait)
@@ -246,6 +247,8 @@ class RateLimiter:
         if reservation is None or not reservation.tpm or actual_tokens is None:
             return
         if int(actual_tokens) > reservation.tokens:
+            import asyncio
+
             await asyncio.to_thread(self.settle, reservation, actual_tokens)
 
     @property

@@ -25,6 +25,8 @@ from app.llm.errors import (
 from app.llm.resilience.settings import RetryPolicy
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 501, 502, 503, 504, 529})
+#: The largest exponent of the backoff that is computed; beyond it the delay is at its cap.
+_MAX_EXPONENT = 1000
 
 
 def is_retryable(error: LLMError) -> bool:
@@ -41,7 +43,8 @@ def is_retryable(error: LLMError) -> bool:
 
 def backoff_delay(retry: int, policy: RetryPolicy, rng: Callable[[], float] = random.random) -> float:
     """Full jitter: a random wait in ``[0, min(backoff_max, backoff_base * 2**retry)]``."""
-    return min(policy.backoff_max, policy.backoff_base * (2.0**retry)) * rng()
+    # 2.0**1024 overflows (OverflowError); long before that the cap applies anyway.
+    return min(policy.backoff_max, policy.backoff_base * (2.0 ** min(retry, _MAX_EXPONENT))) * rng()
 
 
 def next_delay(

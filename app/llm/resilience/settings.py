@@ -1,12 +1,15 @@
 """The resilience settings, validated at start-up, with per-provider overrides.
 
 Every ``LLM_*`` key below is a default for all providers; ``LLM_POLICY``
-(a JSON object) overrides any of them per provider, e.g.
-``{"gemini": {"max_retries": 1}, "openai": {"breaker_cooldown": 10}}``.
+(a JSON object) overrides any of them per provider or per provider/model, e.g.
+``{"gemini": {"max_retries": 1}, "openai": {"breaker_cooldown": 10}}``. The layers
+apply in order: defaults, then the provider's, then the provider/model's
+(``LLM_RATE_LIMITS`` adds ``rpm``/``tpm`` to the same targets).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -106,12 +109,12 @@ def _parse(key: str, field_name: str, value: Any) -> Any:
         if not 0 < rate <= 1:
             raise ConfigError(f"{key} must be a number in (0, 1], got {value!r}")
         return rate
-    if field_name in ("backoff_base",):
+    if field_name in ("backoff_base", "max_wait"):  # 0: no backoff; no wait for a slot or a limit
         try:
             number = float(value)
         except (TypeError, ValueError):
             number = -1.0
-        if number < 0 or isinstance(value, bool):
+        if not (0 <= number < math.inf) or isinstance(value, bool):
             raise ConfigError(f"{key} must be a number of seconds of 0 or more, got {value!r}")
         return number
     return parse_seconds(value, key)
@@ -148,6 +151,10 @@ class ResilienceSettings:
     fallbacks: Mapping[str, tuple[str, ...]]
 
     def policy(self, provider: str, model: str) -> ProviderPolicy:
+        """The most specific policy: ``provider/model``, else ``provider``, else the defaults.
+
+        A ``provider/model`` override is built on its provider's, so it inherits its settings.
+        """
         return self.overrides.get(f"{provider}/{model}") or self.overrides.get(provider) or self.base
 
 
@@ -156,7 +163,13 @@ def parse_resilience_settings(config: Mapping[str, Any]) -> ResilienceSettings:
     for key, (section, name) in KEYS.items():
         if key in config:
             base = _apply(base, key, section, name, config[key])
-    overrides: dict[str, ProviderPolicy] = {}
+    return ResilienceSettings(base=base, overrides=_overrides(config, base), fallbacks=_fallbacks(config))
+
+
+def _overrides(config: Mapping[str, Any], base: ProviderPolicy) -> dict[str, ProviderPolicy]:
+    """LLM_POLICY and LLM_RATE_LIMITS, layered: defaults <- provider <- provider/model."""
+    # Each target's settings, from LLM_POLICY then LLM_RATE_LIMITS: (key, section, field, value).
+    settings: dict[str, list[tuple[str, str, str, Any]]] = {}
     for target, raw in get_mapping(config, "LLM_POLICY").items():
         where = f"LLM_POLICY[{target!r}]"
         if not isinstance(raw, Mapping):
@@ -166,22 +179,32 @@ def parse_resilience_settings(config: Mapping[str, Any]) -> ResilienceSettings:
             raise ConfigError(
                 f"{where} has unknown settings {unknown}; expected some of {sorted(_OVERRIDE_FIELDS)}"
             )
-        policy = base
+        entries = settings.setdefault(target, [])
         for name, value in raw.items():
-            section, field_name = _OVERRIDE_FIELDS[name]
-            policy = _apply(policy, f"{where}.{name}", section, field_name, value)
-        overrides[target] = policy
+            entries.append((f"{where}.{name}", *_OVERRIDE_FIELDS[name], value))
     for target, raw in get_mapping(config, "LLM_RATE_LIMITS").items():
         where = f"LLM_RATE_LIMITS[{target!r}]"
         if not isinstance(raw, Mapping) or set(raw) - {"rpm", "tpm"}:
             raise ConfigError(f"{where} must be a mapping with rpm and/or tpm")
-        policy = overrides.get(target, base)
+        entries = settings.setdefault(target, [])
         for name, value in raw.items():
-            policy = _apply(policy, f"{where}.{name}", "limits", name, value)
+            entries.append((f"{where}.{name}", "limits", name, value))
+    overrides: dict[str, ProviderPolicy] = {}
+    for target in sorted(settings, key=lambda name: "/" in name):  # providers before their models
+        provider, is_model, _ = target.partition("/")
+        policy = overrides.get(provider, base) if is_model else base
+        for key, section, field_name, value in settings[target]:
+            policy = _apply(policy, key, section, field_name, value)
         overrides[target] = policy
+    return overrides
+
+
+def _fallbacks(config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     fallbacks: dict[str, tuple[str, ...]] = {}
     for model, chain in get_mapping(config, "LLM_FALLBACKS").items():
+        if "/" not in model:
+            raise ConfigError(f"LLM_FALLBACKS keys must be 'provider/model' names, got {model!r}")
         if not isinstance(chain, list) or not all(isinstance(m, str) and "/" in m for m in chain):
             raise ConfigError(f"LLM_FALLBACKS[{model!r}] must be a list of 'provider/model' names")
         fallbacks[model] = tuple(chain)
-    return ResilienceSettings(base=base, overrides=overrides, fallbacks=fallbacks)
+    return fallbacks
