@@ -7,10 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import client_lookup, cold_start, llm_overhead
+from bench import client_lookup, cold_start, llm_overhead, resilience_overhead
 
 if __name__ == "__main__":
     print(f"python {sys.version.split()[0]}")
     client_lookup.main()
     cold_start.main()
     llm_overhead.main()
+    resilience_overhead.main()

@@ -229,6 +229,29 @@ class LLM:
         except Exception as exc:
             raise self._typed(provider, exc, request.context()) from exc
 
+    @staticmethod
+    def _skip_fallback(
+        index: int,
+        chain: list[str],
+        address: str,
+        unusable: LLMError,
+        last_error: LLMError | None,
+        attempts: list[Attempt],
+    ) -> None:
+        """A fallback model that cannot be called (unknown or unconfigured provider).
+
+        The primary's own invalid request is the caller's error and is raised;
+        a fallback that cannot be used is skipped (and shown in ``attempts``),
+        and when it was the last hope, the previous model's error is raised.
+        """
+        if index == 0 or last_error is None:
+            raise unusable
+        from app.llm.resilience.executor import Attempt
+
+        attempts.append(Attempt(address, type(unusable).__name__, 0.0))
+        if index + 1 == len(chain):
+            raise last_error
+
     def chat(
         self,
         messages: Any,
@@ -245,10 +268,15 @@ class LLM:
         chain = self._chain(model, fallbacks)
         attempts: list[Attempt] = []
         started = time.perf_counter()
+        last_error: LLMError | None = None
         for index, address in enumerate(chain):
-            provider, request = self._request(
-                messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
-            )
+            try:
+                provider, request = self._request(
+                    messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
+                )
+            except LLMError as unusable:
+                self._skip_fallback(index, chain, address, unusable, last_error, attempts)
+                continue
             try:
                 response: ChatResponse = self.guards.call(
                     request,
@@ -260,6 +288,7 @@ class LLM:
             except LLMError as error:
                 error.attempts = attempts  # type: ignore[attr-defined]
                 if index + 1 < len(chain) and self.guards.falls_back(error):
+                    last_error = error
                     continue
                 raise
             response.attempts = attempts
@@ -282,10 +311,15 @@ class LLM:
         """Open a stream (retries and fallbacks happen here, before any text is returned)."""
         chain = self._chain(model, fallbacks)
         attempts: list[Attempt] = []
+        last_error: LLMError | None = None
         for index, address in enumerate(chain):
-            provider, request = self._request(
-                messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
-            )
+            try:
+                provider, request = self._request(
+                    messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
+                )
+            except LLMError as unusable:
+                self._skip_fallback(index, chain, address, unusable, last_error, attempts)
+                continue
             context = request.context()
 
             def typed(exc: BaseException, p: Provider = provider, c: dict[str, Any] = context) -> LLMError:
@@ -302,6 +336,7 @@ class LLM:
             except LLMError as error:
                 error.attempts = attempts  # type: ignore[attr-defined]
                 if index + 1 < len(chain) and self.guards.falls_back(error):
+                    last_error = error
                     continue
                 raise
             return ChatStream(request, events, typed, attempts=attempts)
@@ -334,10 +369,15 @@ class LLM:
         chain = self._chain(model, fallbacks)
         attempts: list[Attempt] = []
         started = time.perf_counter()
+        last_error: LLMError | None = None
         for index, address in enumerate(chain):
-            provider, request = self._request(
-                messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
-            )
+            try:
+                provider, request = self._request(
+                    messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
+                )
+            except LLMError as unusable:
+                self._skip_fallback(index, chain, address, unusable, last_error, attempts)
+                continue
             try:
                 response: ChatResponse = await self.guards.acall(
                     request,
@@ -349,6 +389,7 @@ class LLM:
             except LLMError as error:
                 error.attempts = attempts  # type: ignore[attr-defined]
                 if index + 1 < len(chain) and self.guards.falls_back(error):
+                    last_error = error
                     continue
                 raise
             response.attempts = attempts
@@ -369,17 +410,17 @@ class LLM:
         fallbacks: Sequence[str] | None = None,
     ) -> AsyncChatStream:
         chain = self._chain(model, fallbacks)
-        requests = [
-            self._request(
+
+        def build(address: str) -> tuple[Provider, ChatRequest]:
+            return self._request(
                 messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
             )
-            for address in chain
-        ]
+
         attempts: list[Attempt] = []
-        first_provider, first_request = requests[0]
+        first_provider, first_request = build(chain[0])  # the caller's own request: validated now
         stream = AsyncChatStream(
             first_request,
-            self._afallback_events(requests, attempts, lambda: stream),
+            self._afallback_events(chain, build, (first_provider, first_request), attempts, lambda: stream),
             lambda exc: self._typed(first_provider, exc, first_request.context()),
             attempts=attempts,
         )
@@ -387,11 +428,22 @@ class LLM:
 
     async def _afallback_events(
         self,
-        requests: list[tuple[Provider, ChatRequest]],
+        chain: list[str],
+        build: Callable[[str], tuple[Provider, ChatRequest]],
+        first: tuple[Provider, ChatRequest],
         attempts: list[Attempt],
         stream: Callable[[], AsyncChatStream],
     ) -> AsyncIterator[StreamEvent]:
-        for index, (provider, request) in enumerate(requests):
+        last_error: LLMError | None = None
+        for index, address in enumerate(chain):
+            if index == 0:
+                provider, request = first
+            else:
+                try:
+                    provider, request = build(address)  # a fallback is prepared only when needed
+                except LLMError as unusable:
+                    self._skip_fallback(index, chain, address, unusable, last_error, attempts)
+                    continue
             context = request.context()
 
             def typed(exc: BaseException, p: Provider = provider, c: dict[str, Any] = context) -> LLMError:
@@ -405,17 +457,18 @@ class LLM:
                 attempts=attempts,
             )
             try:
-                first = await anext(events, None)
+                first_event = await anext(events, None)
             except LLMError as error:
                 await events.aclose()
                 error.attempts = attempts  # type: ignore[attr-defined]
-                if index + 1 < len(requests) and self.guards.falls_back(error):
+                if index + 1 < len(chain) and self.guards.falls_back(error):
+                    last_error = error
                     continue
                 raise
             stream().retarget(request)  # the answer comes from this model
             try:
-                if first is not None:
-                    yield first
+                if first_event is not None:
+                    yield first_event
                     async for event in events:
                         yield event
             finally:

@@ -193,7 +193,7 @@ class Guards:
             self._record(key, policy, error)
             if error is None:
                 attempts.append(Attempt(key, "ok", elapsed))
-                self.limiter.settle(reservation, usage(result))
+                await self.limiter.asettle(reservation, usage(result))
                 return result
             attempts.append(Attempt(key, type(error).__name__, elapsed, error.status_code))
             delay = self._give_up(error, retry, policy, deadline_at)
@@ -350,7 +350,7 @@ class Guards:
             else:  # closed early by the caller: no verdict on the provider
                 self.breakers.record(key, policy.breaker, "ignored")
             if finished:
-                self.limiter.settle(reservation, used)
+                await self.limiter.asettle(reservation, used)
 
     async def _aopen(
         self,

@@ -1,0 +1,232 @@
+"""The cost of the resilience policy: on a healthy call, and for a call an open breaker rejects.
+
+(a) ``get_llm().chat(...)`` (rate limit -> deadline -> retry -> breaker ->
+bulkhead -> attempt, plus the fallback chain and the attempts record) against
+the same layer with the policy off: ``llm._request(...)`` then
+``provider.chat(request)`` on the provider adapter, i.e. the same validation,
+translation and SDK call without ``Guards``. Both hit the local
+OpenAI-protocol server of :mod:`bench.llm_overhead`, alternating call by call
+over 15 rounds; the figure is the ratio of the medians of the rounds' median
+per-call times (target: under 1.05x). It is measured with breakers in this
+process (no ``REDIS_URL``) and with breakers in Redis (a private
+``redis-server`` the bench starts, when one is on PATH): there a closed breaker
+costs two round trips per call, one EVALSHA before it and one after.
+
+(b) A call rejected by an open breaker: the breaker of the model is opened by
+recording failures, then ``get_llm().chat(...)`` is timed until it raises
+``LLMCircuitOpenError`` (no request is made); the figure is the median in µs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.llm_overhead import MESSAGES, MODEL, _interleaved, _timed, start_server  # noqa: E402
+
+CALLS = 200
+REJECTED_CALLS = 3000
+ADDRESS = f"openai/{MODEL}"
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str | None]:
+    """A throwaway redis-server on a free port (its URL), or None when redis-server is not on PATH."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    workdir = tempfile.mkdtemp(prefix="bench-redis-")
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+    process = subprocess.Popen(
+        [binary, *args, "--daemonize", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start on port {port}") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _app(base_url: str, redis_url: str | None) -> Any:
+    from app import create_app
+
+    instance = tempfile.mkdtemp(prefix="bench-instance-")
+    config: dict[str, Any] = {
+        "TESTING": True,
+        "INSTANCE_PATH": instance,
+        "DOTENV_PATH": f"{instance}/none.env",
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": base_url,
+        "OPENAI_MAX_RETRIES": 0,
+    }
+    if redis_url is not None:
+        config["REDIS_URL"] = redis_url
+    return create_app(config)
+
+
+def _backend(app: Any, key: str) -> str:
+    """Where the breaker of ``key`` lives now ("redis" or "local"): a bench on a fallen-back Redis is void."""
+    states = {state.key: state for state in app.extensions["llm"].guards.breakers.states()}
+    return states[key].backend if key in states else "none"
+
+
+def healthy(app: Any, expected_backend: str) -> dict[str, float]:
+    """(a): the policy on a healthy call, against the layer with the policy off."""
+    from app.llm import get_llm
+
+    def with_policy() -> object:
+        return get_llm().chat(MESSAGES, model=ADDRESS)
+
+    def policy_off() -> object:
+        llm = get_llm()
+        provider, request = llm._request(MESSAGES, ADDRESS, None, None, None, None, None, None)
+        return provider.chat(request)
+
+    with app.app_context():
+        assert get_llm().chat(MESSAGES, model=ADDRESS).content == "Hello!"
+        for _ in range(50):  # warm both paths: imports, clients, pools, Redis scripts
+            with_policy(), policy_off()
+        backend = _backend(app, ADDRESS)
+        if backend != expected_backend:
+            raise SystemExit(f"the breaker of {ADDRESS} is {backend}, expected {expected_backend}")
+        off_rounds, on_rounds = _interleaved(lambda: _timed(policy_off), lambda: _timed(with_policy), CALLS)
+    off, on = statistics.median(off_rounds), statistics.median(on_rounds)
+    return {"off_ms": off * 1000, "on_ms": on * 1000, "ratio": on / off}
+
+
+def rejected(app: Any, expected_backend: str) -> float:
+    """(b): median µs of a call an open breaker rejects."""
+    from app.llm import LLMCircuitOpenError, get_llm
+
+    model = "gpt-4o-open"
+    key = f"openai/{model}"
+    with app.app_context():
+        guards = get_llm().guards
+        policy = guards.settings.policy("openai", model).breaker
+        for _ in range(policy.min_calls):
+            guards.breakers.record(key, policy, "failure")
+        backend = _backend(app, key)
+        if backend != expected_backend:
+            raise SystemExit(f"the breaker of {key} is {backend}, expected {expected_backend}")
+        times = []
+        for _ in range(REJECTED_CALLS):
+            started = time.perf_counter()
+            try:
+                get_llm().chat(MESSAGES, model=key)
+            except LLMCircuitOpenError:
+                times.append(time.perf_counter() - started)
+            else:
+                raise SystemExit(f"the breaker of {key} let a call through")
+    return statistics.median(times[100:]) * 1e6  # the first ones warm the path
+
+
+def redis_round_trip(app: Any) -> float:
+    """Median µs of a PING on the app's Redis client: what each of a call's two breaker scripts waits for."""
+    from app.services.redis_service import get_redis_client
+
+    with app.app_context():
+        client = get_redis_client()
+        times = []
+        for _ in range(REJECTED_CALLS):
+            started = time.perf_counter()
+            client.ping()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[100:]) * 1e6
+
+
+def measure() -> dict[str, Any]:
+    server = start_server()
+    base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    result: dict[str, Any] = {}
+    try:
+        from app.services import reset_services
+
+        app = _app(base_url, None)
+        try:
+            result["local"] = healthy(app, "local")
+            result["local_rejected_us"] = rejected(app, "local")
+        finally:
+            reset_services(app)
+        with private_redis() as redis_url:
+            result["redis_available"] = redis_url is not None
+            if redis_url is not None:
+                app = _app(base_url, redis_url)
+                try:
+                    result["redis"] = healthy(app, "redis")
+                    result["redis_rejected_us"] = rejected(app, "redis")
+                    result["redis_ping_us"] = redis_round_trip(app)
+                finally:
+                    reset_services(app)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return result
+
+
+def main() -> None:
+    import logging
+
+    logger = logging.getLogger("app.llm.resilience")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # not "REDIS_URL is not set" nor "circuit breaker ... opened"
+    try:
+        result = measure()
+    finally:
+        logger.setLevel(level)
+    local = result["local"]
+    print(
+        f"policy on a healthy chat() (local breakers): {local['on_ms']:.3f} ms/call, "
+        f"policy off: {local['off_ms']:.3f} ms/call, ratio {local['ratio']:.3f}x (target < 1.05x)"
+    )
+    if result["redis_available"]:
+        shared = result["redis"]
+        print(
+            f"policy on a healthy chat() (Redis breakers): {shared['on_ms']:.3f} ms/call, "
+            f"policy off: {shared['off_ms']:.3f} ms/call, ratio {shared['ratio']:.3f}x (target < 1.05x)"
+        )
+        print(
+            f"chat() rejected by an open breaker: {result['local_rejected_us']:.1f} µs local, "
+            f"{result['redis_rejected_us']:.1f} µs Redis (median of {REJECTED_CALLS - 100} calls)"
+        )
+        print(
+            f"Redis PING round trip on this machine: {result['redis_ping_us']:.1f} µs"
+            " (a closed breaker in Redis costs two round trips per call, an open one one)"
+        )
+    else:
+        print("policy with Redis breakers: not measured (redis-server is not on PATH)")
+        print(
+            f"chat() rejected by an open breaker: {result['local_rejected_us']:.1f} µs local "
+            f"(median of {REJECTED_CALLS - 100} calls); Redis not measured"
+        )
+
+
+if __name__ == "__main__":
+    main()
