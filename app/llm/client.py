@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
@@ -281,7 +282,7 @@ class LLM:
                 response: ChatResponse = self.guards.call(
                     request,
                     lambda r, p=provider: self._invoke(p, p.chat, r),  # type: ignore[misc]
-                    tokens=self.guards.estimate_tokens(request),
+                    tokens=partial(self.guards.estimate_tokens, request),
                     usage=_response_tokens,
                     attempts=attempts,
                 )
@@ -330,7 +331,7 @@ class LLM:
                     request,
                     provider.stream,
                     typed,
-                    tokens=self.guards.estimate_tokens(request),
+                    tokens=partial(self.guards.estimate_tokens, request),
                     attempts=attempts,
                 )
             except LLMError as error:
@@ -347,7 +348,7 @@ class LLM:
         result: list[list[float]] = self.guards.call(
             request,
             lambda r: self._invoke(provider, provider.embed, r),
-            tokens=sum(len(text) for text in request.inputs) // 4 + 1,
+            tokens=lambda: sum(len(text) for text in request.inputs) // 4 + 1,
             usage=lambda _vectors: None,
             attempts=[],
         )
@@ -382,7 +383,7 @@ class LLM:
                 response: ChatResponse = await self.guards.acall(
                     request,
                     lambda r, p=provider: self._ainvoke(p, p.achat, r),  # type: ignore[misc]
-                    tokens=self.guards.estimate_tokens(request),
+                    tokens=partial(self.guards.estimate_tokens, request),
                     usage=_response_tokens,
                     attempts=attempts,
                 )
@@ -453,7 +454,7 @@ class LLM:
                 request,
                 provider.astream,
                 typed,
-                tokens=self.guards.estimate_tokens(request),
+                tokens=partial(self.guards.estimate_tokens, request),
                 attempts=attempts,
             )
             try:
@@ -480,7 +481,7 @@ class LLM:
         result: list[list[float]] = await self.guards.acall(
             request,
             lambda r: self._ainvoke(provider, provider.aembed, r),
-            tokens=sum(len(text) for text in request.inputs) // 4 + 1,
+            tokens=lambda: sum(len(text) for text in request.inputs) // 4 + 1,
             usage=lambda _vectors: None,
             attempts=[],
         )

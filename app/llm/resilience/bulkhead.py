@@ -184,6 +184,10 @@ class Slot(_SlotBase, AbstractContextManager[None]):
 
     def __enter__(self) -> None:
         compartment = self._compartment
+        with compartment.lock:  # the common case first: a free slot, and no waiter to build
+            if compartment.take_or_wait_locked(self._limit, None):
+                self._held = True
+                return
         waiter = _Waiter() if self._max_wait > 0 else None
         with compartment.lock:
             if compartment.take_or_wait_locked(self._limit, waiter):

@@ -10,10 +10,11 @@ try to the list they are given, so fallbacks can show the path taken.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
 from app.llm.errors import LLMBulkheadFullError, LLMCircuitOpenError, LLMError, LLMTimeoutError
@@ -120,7 +121,7 @@ class Guards:
         request: RequestT,
         invoke: Callable[[RequestT], T],
         *,
-        tokens: int,
+        tokens: Callable[[], int],
         usage: Callable[[T], int | None],
         attempts: list[Attempt],
     ) -> T:
@@ -129,7 +130,10 @@ class Guards:
         started = self._clock()
         deadline_at = started + policy.retry.deadline
         reservation = self.limiter.acquire(
-            key, policy.limits, tokens, min(policy.limits.max_wait, policy.retry.deadline)
+            key,
+            policy.limits,
+            tokens() if policy.limits.tpm else 0,
+            min(policy.limits.max_wait, policy.retry.deadline),
         )
         retry = 0
         while True:
@@ -143,7 +147,7 @@ class Guards:
                 with self.bulkheads.slot(
                     request.provider, policy.bulkhead, min(policy.bulkhead.max_wait, remaining)
                 ):
-                    result = invoke(replace(request, timeout=self._attempt_timeout(policy, remaining)))
+                    result = invoke(_with_timeout(request, self._attempt_timeout(policy, remaining)))
             except LLMError as exc:
                 error = exc
             elapsed = (self._clock() - attempt_started) * 1000
@@ -164,7 +168,7 @@ class Guards:
         request: RequestT,
         invoke: Callable[[RequestT], Awaitable[T]],
         *,
-        tokens: int,
+        tokens: Callable[[], int],
         usage: Callable[[T], int | None],
         attempts: list[Attempt],
     ) -> T:
@@ -172,7 +176,10 @@ class Guards:
         policy = self.settings.policy(request.provider, request.model)
         deadline_at = self._clock() + policy.retry.deadline
         reservation = await self.limiter.aacquire(
-            key, policy.limits, tokens, min(policy.limits.max_wait, policy.retry.deadline)
+            key,
+            policy.limits,
+            tokens() if policy.limits.tpm else 0,
+            min(policy.limits.max_wait, policy.retry.deadline),
         )
         retry = 0
         while True:
@@ -186,7 +193,7 @@ class Guards:
                 async with self.bulkheads.aslot(
                     request.provider, policy.bulkhead, min(policy.bulkhead.max_wait, remaining)
                 ):
-                    result = await invoke(replace(request, timeout=self._attempt_timeout(policy, remaining)))
+                    result = await invoke(_with_timeout(request, self._attempt_timeout(policy, remaining)))
             except LLMError as exc:
                 error = exc
             elapsed = (self._clock() - attempt_started) * 1000
@@ -210,7 +217,7 @@ class Guards:
         open_events: Callable[[ChatRequest], Iterator[StreamEvent]],
         typed: Callable[[BaseException], LLMError],
         *,
-        tokens: int,
+        tokens: Callable[[], int],
         attempts: list[Attempt],
     ) -> Iterator[StreamEvent]:
         """Open the stream with retries, then hand its events on; no retry after the first one."""
@@ -218,7 +225,10 @@ class Guards:
         policy = self.settings.policy(request.provider, request.model)
         deadline_at = self._clock() + policy.retry.deadline
         reservation = self.limiter.acquire(
-            key, policy.limits, tokens, min(policy.limits.max_wait, policy.retry.deadline)
+            key,
+            policy.limits,
+            tokens() if policy.limits.tpm else 0,
+            min(policy.limits.max_wait, policy.retry.deadline),
         )
         retry = 0
         while True:
@@ -237,7 +247,7 @@ class Guards:
                 error: LLMError = exc
             else:
                 try:
-                    events = open_events(replace(request, timeout=self._attempt_timeout(policy, remaining)))
+                    events = open_events(_with_timeout(request, self._attempt_timeout(policy, remaining)))
                     first = next(events, None)
                 except Exception as exc:
                     error = _typed(typed, exc)
@@ -312,7 +322,7 @@ class Guards:
         open_events: Callable[[ChatRequest], AsyncIterator[StreamEvent]],
         typed: Callable[[BaseException], LLMError],
         *,
-        tokens: int,
+        tokens: Callable[[], int],
         attempts: list[Attempt],
     ) -> AsyncGenerator[StreamEvent, None]:
         """The async twin of :meth:`stream`: retries until the first event, then relays."""
@@ -320,7 +330,10 @@ class Guards:
         policy = self.settings.policy(request.provider, request.model)
         deadline_at = self._clock() + policy.retry.deadline  # the rate-limit wait counts, as in stream()
         reservation = await self.limiter.aacquire(
-            key, policy.limits, tokens, min(policy.limits.max_wait, policy.retry.deadline)
+            key,
+            policy.limits,
+            tokens() if policy.limits.tpm else 0,
+            min(policy.limits.max_wait, policy.retry.deadline),
         )
         first, events, slot = await self._aopen(
             key, policy, request, open_events, typed, attempts, deadline_at
@@ -380,7 +393,7 @@ class Guards:
                 error: LLMError = exc
             else:
                 try:
-                    events = open_events(replace(request, timeout=self._attempt_timeout(policy, remaining)))
+                    events = open_events(_with_timeout(request, self._attempt_timeout(policy, remaining)))
                     first: StreamEvent | None = await anext(events, None)
                 except Exception as exc:
                     error = _typed(typed, exc)
@@ -405,6 +418,14 @@ class Guards:
                 raise error
             await _async_sleep(delay)
             retry += 1
+
+
+def _with_timeout(request: RequestT, timeout: float) -> RequestT:
+    """``request`` with this attempt's timeout: a shallow copy, as dataclasses.replace
+    would make, without re-running ``__init__`` on every attempt of every call."""
+    attempt = copy.copy(request)
+    object.__setattr__(attempt, "timeout", timeout)
+    return attempt
 
 
 async def _async_sleep(seconds: float) -> None:
