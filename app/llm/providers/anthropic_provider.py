@@ -16,7 +16,6 @@ no longer names it). Structured output uses the native JSON output
 from __future__ import annotations
 
 import base64
-import weakref
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ from app.llm.providers.base import (
     StreamEvent,
     TextDelta,
     ToolCallDelta,
+    WithoutRetries,
 )
 from app.llm.structured import json_schema
 from app.llm.types import ChatResponse, FinishReason, ImagePart, Message, TextPart, ToolCall, system_text
@@ -308,20 +308,11 @@ class AnthropicProvider(Provider):
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        # The connector's clients with the SDK's retries off (the layer retries),
-        # cached per client: with_options() shares its connection pool.
-        self._no_retry: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._without_retries = WithoutRetries()  # the layer retries, not the SDK
 
     @staticmethod
     def _connector() -> AnthropicConnector:
         return current_anthropic_connector()
-
-    def _without_retries(self, client: Any) -> Any:
-        derived = self._no_retry.get(client)
-        if derived is None:
-            derived = client.with_options(max_retries=0)
-            self._no_retry[client] = derived
-        return derived
 
     def _options(self, connector: AnthropicConnector, request: ChatRequest) -> dict[str, Any]:
         """A shorter timeout for this attempt when the call's deadline leaves less than the client's."""

@@ -10,6 +10,7 @@ retries, caching or accounting: those wrap every provider alike, above it.
 from __future__ import annotations
 
 import json
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -113,6 +114,26 @@ class Provider(ABC):
     def list_models(self) -> list[str]:
         """Model names the provider offers (``flask llm models``)."""
         return []
+
+
+class WithoutRetries:
+    """The SDK clients with their own retries off (``with_options(max_retries=0)``).
+
+    The layer's one retry loop retries instead, so attempts never multiply.
+    ``with_options`` shares the client's connection pool; the copy is cached
+    per service client, which changes after a reset, in a forked child, and
+    per event loop for async clients (hence the weak keys).
+    """
+
+    def __init__(self) -> None:
+        self._copies: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def __call__(self, client: Any) -> Any:
+        copy = self._copies.get(client)
+        if copy is None:
+            copy = client.with_options(max_retries=0)
+            self._copies[client] = copy
+        return copy
 
 
 def parse_arguments(name: str, text: str | None, **context: Any) -> dict[str, Any]:

@@ -10,7 +10,6 @@ more widely accepted ``max_tokens``.
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
@@ -36,6 +35,7 @@ from app.llm.providers.base import (
     StreamEvent,
     TextDelta,
     ToolCallDelta,
+    WithoutRetries,
     tool_call_from_json,
 )
 from app.llm.structured import schema_name, strict_json_schema
@@ -84,18 +84,7 @@ class OpenAIProvider(Provider):
     def __init__(self, name: str, profile: str) -> None:
         super().__init__(name)
         self.profile = profile
-        # The services' clients with the SDK's retries off: the layer's one retry
-        # loop retries instead, so attempts never multiply. with_options() shares
-        # the connection pool; the copy is cached per service client (it changes
-        # after a reset or in a forked child, and per event loop for async).
-        self._no_retry: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-
-    def _without_retries(self, client: Any) -> Any:
-        derived = self._no_retry.get(client)
-        if derived is None:
-            derived = client.with_options(max_retries=0)
-            self._no_retry[client] = derived
-        return derived
+        self._without_retries = WithoutRetries()  # the layer retries, not the SDK
 
     def _client(self) -> Any:
         return self._without_retries(get_openai_client(self.profile))
