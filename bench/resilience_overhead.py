@@ -9,12 +9,15 @@ OpenAI-protocol server of :mod:`bench.llm_overhead`, alternating call by call
 over 15 rounds; the figure is the ratio of the medians of the rounds' median
 per-call times (target: under 1.05x). It is measured with breakers in this
 process (no ``REDIS_URL``) and with breakers in Redis (a private
-``redis-server`` the bench starts, when one is on PATH): there a closed breaker
-costs two round trips per call, one EVALSHA before it and one after.
+``redis-server`` the bench starts, when one is on PATH): there a busy closed
+breaker asks Redis about twice per ``sync_interval`` (0.1 s) rather than twice
+per call (see :mod:`app.llm.resilience.breaker`).
 
 (b) A call rejected by an open breaker: the breaker of the model is opened by
 recording failures, then ``get_llm().chat(...)`` is timed until it raises
-``LLMCircuitOpenError`` (no request is made); the figure is the median in µs.
+``LLMCircuitOpenError`` (no request is made, and an open breaker is
+remembered until its cool-down ends, so Redis is not asked either); the
+figure is the median in µs.
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ def rejected(app: Any, expected_backend: str) -> float:
 
 
 def redis_round_trip(app: Any) -> float:
-    """Median µs of a PING on the app's Redis client: what each of a call's two breaker scripts waits for."""
+    """Median µs of a PING on the app's Redis client: what a breaker script waits for when it runs."""
     from app.services.redis_service import get_redis_client
 
     with app.app_context():
@@ -218,7 +221,8 @@ def main() -> None:
         )
         print(
             f"Redis PING round trip on this machine: {result['redis_ping_us']:.1f} µs"
-            " (a closed breaker in Redis costs two round trips per call, an open one one)"
+            " (a busy closed breaker asks Redis about twice per 0.1 s;"
+            " an open one not until its cool-down ends)"
         )
     else:
         print("policy with Redis breakers: not measured (redis-server is not on PATH)")

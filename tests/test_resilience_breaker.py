@@ -382,25 +382,123 @@ def test_states_lists_every_breaker(breakers, backend, clock, shared_client, nam
     }
 
 
-def test_closed_breakers_cost_one_redis_round_trip(disposable_redis, namespace):
+class Commands:
+    """Counts the commands a redis-server ran, from its INFO (the INFO itself not counted)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.before = client.info("commandstats")
+
+    def __call__(self, name: str) -> int:
+        after = self.client.info("commandstats")
+        count = int(after.get(f"cmdstat_{name}", {"calls": 0})["calls"])
+        return count - int(self.before.get(f"cmdstat_{name}", {"calls": 0})["calls"])
+
+
+def test_a_busy_closed_breaker_asks_redis_once_per_sync_interval(disposable_redis, namespace, clock):
     client = redis.Redis.from_url(disposable_redis.url)
-    breakers = CircuitBreakers(lambda: client, namespace)
-    succeed(breakers, 1)  # loads the scripts
-    before = client.info("all")
-    for _ in range(100):
-        breakers.before_call(KEY, POLICY)
-    after = client.info("all")
+    breakers = CircuitBreakers(lambda: client, namespace, clock)
+    assert breakers.sync_interval == 0.1
+    succeed(breakers, 1)  # loads the scripts; Redis said "closed" and has this success
+    commands = Commands(client)
+    succeed(breakers, 100)  # within the interval: admitted and counted in memory
+    assert commands("evalsha") == 0
+    state = breakers.state(KEY, POLICY)  # sends the 100 pending successes first, in one script
+    assert (state.state, state.calls, state.failures) == ("closed", 101, 0)
+    assert commands("evalsha") == 1
+    clock.advance(breakers.sync_interval)
+    succeed(breakers, 1)  # the interval is over: Redis is asked again, and this success is sent
+    assert commands("evalsha") == 3
+    assert breakers.state(KEY, POLICY).calls == 102
 
-    def delta(name: str) -> int:
-        return int(after[name]["calls"]) - int(before.get(name, {"calls": 0})["calls"])
 
-    # Per call: one EVALSHA from the client (its HMGET runs inside Redis); plus the one INFO here.
-    assert delta("cmdstat_evalsha") == 100
-    assert delta("cmdstat_hmget") == 100
-    assert after["total_commands_processed"] - before["total_commands_processed"] == 100 + 100 + 1
+def test_a_failure_is_sent_at_once_with_the_successes_before_it(disposable_redis, namespace, clock):
+    client = redis.Redis.from_url(disposable_redis.url)
+    breakers = CircuitBreakers(lambda: client, namespace, clock)
+    succeed(breakers, 5)  # one sent, four pending
+    commands = Commands(client)
+    breakers.before_call(KEY, POLICY)
+    breakers.record(KEY, POLICY, "failure")
+    assert commands("evalsha") == 1
+    fields = {k.decode(): int(v) for k, v in client.hgetall(f"{namespace}:{KEY}").items() if b":" in k}
+    assert (
+        sum(v for k, v in fields.items() if k[0] == "c"),
+        sum(v for k, v in fields.items() if k[0] == "f"),
+    ) == (
+        6,
+        1,
+    )
+    breakers.before_call(KEY, POLICY)  # after a failure, the next call asks Redis again
+    assert commands("evalsha") == 2
 
 
-# --- without Redis ------------------------------------------------------------------------------
+def test_a_breaker_opened_elsewhere_is_seen_within_the_sync_interval(
+    shared_client, disposable_redis, namespace, clock
+):
+    client = redis.Redis.from_url(disposable_redis.url)
+    busy = CircuitBreakers(lambda: client, namespace, clock)
+    other = CircuitBreakers(lambda: client, namespace, clock)
+    succeed(busy, 1)
+    fail(other, 3)  # 3 failures of 4 calls
+    assert is_open(other)
+    clock.advance(busy.sync_interval - 0.001)
+    assert not is_open(busy)  # Redis's "closed" of a moment ago is still trusted
+    clock.advance(0.001)
+    assert is_open(busy)
+
+
+def test_an_open_breaker_rejects_from_memory_until_its_cooldown_ends(disposable_redis, namespace, clock):
+    client = redis.Redis.from_url(disposable_redis.url)
+    opener = CircuitBreakers(lambda: client, namespace, clock)
+    other = CircuitBreakers(lambda: client, namespace, clock)
+    fail(opener, 4)
+    commands = Commands(client)
+    assert is_open(other)  # told by Redis, once
+    assert commands("evalsha") == 1
+    clock.advance(1)
+    for breakers in (opener, other):
+        for _ in range(50):
+            with pytest.raises(LLMCircuitOpenError) as info:
+                breakers.before_call(KEY, POLICY)
+            assert info.value.retry_after == pytest.approx(POLICY.cooldown - 1, abs=0.01)
+    assert commands("evalsha") == 1  # only time ends an open state: nothing to ask
+    clock.advance(POLICY.cooldown - 1)
+    other.before_call(KEY, POLICY)  # a trial call: Redis hands out the permits
+    assert commands("evalsha") == 2
+    assert other.state(KEY, POLICY).state == "half_open"
+
+
+def test_batched_successes_never_count_as_trial_calls(disposable_redis, namespace, clock):
+    client = redis.Redis.from_url(disposable_redis.url)
+    busy = CircuitBreakers(lambda: client, namespace, clock)
+    other = CircuitBreakers(lambda: client, namespace, clock)
+    succeed(busy, 1 + POLICY.half_open_calls)  # all but the first pending in memory
+    fail(other, 3)  # 3 failures of 4 calls in Redis
+    clock.advance(POLICY.cooldown)
+    other.before_call(KEY, POLICY)  # half-open: one trial call out
+    state = busy.state(KEY, POLICY)  # busy's pending successes are sent now: dropped, not trials
+    assert state.state == "half_open"
+    assert client.hget(f"{namespace}:{KEY}", "successes") == b"0"
+    for _ in range(POLICY.half_open_calls):
+        other.record(KEY, POLICY, "success")
+    assert busy.state(KEY, POLICY).state == "closed"
+
+
+def test_local_breakers_count_a_busy_window_exactly(namespace):
+    clock = Clock(1_000_000.0)  # on a bucket boundary: the window is counted in buckets of 0.5 s
+    breakers = CircuitBreakers(lambda: None, namespace, clock)
+    policy = BreakerPolicy(window=10, min_calls=4, failure_rate=0.5, cooldown=5)
+    for call in range(40):  # 0.25 s apart: buckets come and go
+        clock.advance(0.25 if call else 0)
+        succeed(breakers, 1, policy)
+    state = breakers.state(KEY, policy)
+    assert (state.calls, state.failures) == (40, 0)
+    clock.advance(5)
+    assert breakers.state(KEY, policy).calls == 20
+    fail(breakers, 19, policy)  # 19 of 39 in the window
+    assert breakers.state(KEY, policy).state == "closed"
+    fail(breakers, 1, policy)  # 20 of 40
+    assert breakers.state(KEY, policy).state == "open"
 
 
 def test_without_redis_url_breakers_are_local_and_it_is_said_once(make_app, namespace, caplog):

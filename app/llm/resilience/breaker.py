@@ -4,8 +4,23 @@ Why Redis, and why Lua: a breaker kept per process opens on one gunicorn
 worker while the others keep hammering a failing provider. The state lives
 in one Redis hash per breaker and every transition is one Lua script
 (EVALSHA), so concurrent workers never race: half-open admits exactly
-``half_open_calls`` trial calls across all processes. A closed breaker costs
-one round trip per call (a read-only ``HMGET`` inside the script).
+``half_open_calls`` trial calls across all processes.
+
+Why a closed breaker is not asked on every call: two round trips per call
+(one before, one after) cost a busy worker more than the rest of the policy
+together. So a "closed" answer from Redis is trusted for ``sync_interval``
+(0.1 s): calls in that time are admitted from memory, and their successes
+are counted in memory and sent as one batch at most once per interval. A
+healthy, busy worker so costs Redis about two round trips per model per
+0.1 s; a quiet one (a call per interval or fewer) stays exact, two per call.
+What stays exact: every failure is sent at once (with the successes
+pending before it) and makes the next call ask Redis again; half-open is
+never cached, so trial permits are exact across processes; and an open
+breaker is remembered until the time Redis gave (only time ends an open
+state), so rejected calls do not ask Redis either. What it costs: a
+breaker another process opens is seen here up to ``sync_interval`` late,
+and another process's last 0.1 s of successes may be missing from the rate
+a failure is judged by.
 
 Why a local breaker too: Redis is a dependency that must fail open, but
 "Redis unavailable" must never mean "closed". Each instance keeps an
@@ -40,7 +55,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -127,7 +142,9 @@ return {3, since + cooldown - now}
 )
 
 # KEYS[1] = breaker; ARGV = now_ms, outcome, window_ms, bucket_ms, min_calls, failure_rate,
-# cooldown_ms, half_open_calls, ttl_ms.
+# cooldown_ms, half_open_calls, ttl_ms, batch.
+# outcome: success / failure / ignored, or none (only the batch); batch: successes of calls
+# admitted while closed, counted only while it still is (they say nothing about trial calls).
 # Returns {state, until_ms, counted (0/1), transition ('' / opened / reopened / closed)}.
 _RECORD = _Lua(
     """
@@ -135,6 +152,7 @@ local key = KEYS[1]
 local now = tonumber(ARGV[1])
 local outcome = ARGV[2]
 local ttl = ARGV[9]
+local batch = tonumber(ARGV[10])
 local s = redis.call('HMGET', key, 'state', 'until', 'permits')
 local state = s[1] or 'closed'
 if state == 'open' then return {'open', tonumber(s[2]) or 0, 0, ''} end
@@ -154,13 +172,17 @@ if state == 'half_open' then
     end
     return {'half_open', 0, 0, ''}
   end
-  if (tonumber(s[3]) or 0) > 0 then redis.call('HINCRBY', key, 'permits', -1) end
+  if outcome == 'ignored' and (tonumber(s[3]) or 0) > 0 then
+    redis.call('HINCRBY', key, 'permits', -1)
+  end
   return {'half_open', 0, 0, ''}
 end
-if outcome == 'ignored' then return {'closed', 0, 0, ''} end
+local added = batch
+if outcome == 'success' or outcome == 'failure' then added = added + 1 end
+if added == 0 then return {'closed', 0, 0, ''} end
 local bucket = tonumber(ARGV[4])
 local start = string.format('%d', math.floor(now / bucket) * bucket)
-redis.call('HINCRBY', key, 'c:' .. start, 1)
+redis.call('HINCRBY', key, 'c:' .. start, added)
 if outcome == 'failure' then redis.call('HINCRBY', key, 'f:' .. start, 1) end
 local horizon = now - tonumber(ARGV[3])
 local calls, failures = 0, 0
@@ -236,6 +258,19 @@ class _Timing:
         return _Timing(window, max(1, window // BUCKETS), cooldown, window + cooldown + EXPIRY_MARGIN_MS)
 
 
+_timings: dict[BreakerPolicy, _Timing] = {}
+
+
+def _timing(policy: BreakerPolicy) -> _Timing:
+    """``_Timing.of(policy)``, computed once per policy (policies are few and immutable)."""
+    timing = _timings.get(policy)
+    if timing is None:
+        if len(_timings) >= 256:  # policies made on the fly (tests): keep the cache small
+            _timings.clear()
+        timing = _timings[policy] = _Timing.of(policy)
+    return timing
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -256,19 +291,33 @@ def _trips(calls: int, failures: int, policy: BreakerPolicy) -> bool:
 # --- the process-local breaker ---------------------------------------------------
 
 
-@dataclass
 class _Entry:
-    timing: _Timing
-    touched: int
-    state: StateName = "closed"
-    reopen_at: int = 0
-    permits: int = 0
-    successes: int = 0
-    since: int = 0
-    #: bucket start (ms) -> [calls, failures]
-    buckets: dict[int, list[int]] = field(default_factory=dict)
+    """One breaker in this process: its state and its window of outcomes.
+
+    The window is kept as buckets plus their running totals, so that counting
+    an outcome is O(1): buckets are dropped from the oldest as they leave the
+    window (the clock moves forward, so insertion order is time order).
+    """
+
+    __slots__ = ("buckets", "calls", "failures", "permits", "reopen_at", "since", "state", "successes",
+                 "timing", "touched")  # fmt: skip
+
+    def __init__(self, timing: _Timing, touched: int) -> None:
+        self.timing = timing
+        self.touched = touched
+        self.state: StateName = "closed"
+        self.reopen_at = 0
+        self.permits = 0
+        self.successes = 0
+        self.since = 0
+        #: bucket start (ms) -> [calls, failures]
+        self.buckets: dict[int, list[int]] = {}
+        #: The totals of ``buckets``.
+        self.calls = 0
+        self.failures = 0
 
     def count(self, now: int, window: int) -> tuple[int, int]:
+        """Calls and failures in the ``window`` ms before ``now`` (for operators: any window)."""
         horizon = now - window
         calls = failures = 0
         for start, (c, f) in self.buckets.items():
@@ -277,17 +326,29 @@ class _Entry:
                 failures += f
         return calls, failures
 
-    def add(self, now: int, outcome: Outcome) -> tuple[int, int]:
-        """Count ``outcome`` in the window, drop buckets that left it; the window's totals."""
-        start = now // self.timing.bucket * self.timing.bucket
-        bucket = self.buckets.setdefault(start, [0, 0])
-        bucket[0] += 1
-        if outcome == "failure":
-            bucket[1] += 1
-        horizon = now - self.timing.window
-        for old in [s for s in self.buckets if s <= horizon]:
-            del self.buckets[old]
-        return self.count(now, self.timing.window)
+    def add(self, now: int, calls: int, failures: int) -> tuple[int, int]:
+        """Count outcomes in the window, drop buckets that left it; the window's totals."""
+        timing, buckets = self.timing, self.buckets
+        start = now - now % timing.bucket
+        bucket = buckets.get(start)
+        if bucket is None:
+            bucket = buckets[start] = [0, 0]
+        bucket[0] += calls
+        bucket[1] += failures
+        self.calls += calls
+        self.failures += failures
+        horizon = now - timing.window
+        while True:  # ends at the first bucket still in the window: at worst, the one just counted in
+            oldest = next(iter(buckets))
+            if oldest > horizon:
+                return self.calls, self.failures
+            gone_calls, gone_failures = buckets.pop(oldest)
+            self.calls -= gone_calls
+            self.failures -= gone_failures
+
+    def clear_window(self) -> None:
+        self.buckets.clear()
+        self.calls = self.failures = 0
 
     def open(self, reopen_at: int) -> None:
         self.state, self.reopen_at, self.permits, self.successes = "open", reopen_at, 0, 0
@@ -314,7 +375,11 @@ class _LocalBreakers:
         entry.timing, entry.touched = timing, now
         return entry
 
-    def before_call(self, key: str, policy: BreakerPolicy, timing: _Timing, now: int) -> tuple[int, int]:
+    def before_call(self, key: str, policy: BreakerPolicy, now: int) -> tuple[int, int]:
+        entry = self._entries.get(key)
+        if entry is None or entry.state == "closed":
+            return _ADMIT, 0  # a closed breaker admits without the lock (one dict read)
+        timing = _timing(policy)
         with self.lock:
             entry = self._live(key, now)
             if entry is None or entry.state == "closed":
@@ -334,8 +399,9 @@ class _LocalBreakers:
             return _TRIAL, 0
 
     def record(
-        self, key: str, policy: BreakerPolicy, timing: _Timing, now: int, outcome: Outcome
+        self, key: str, policy: BreakerPolicy, timing: _Timing, now: int, outcome: Outcome | None, batch: int
     ) -> tuple[StateName, int, str]:
+        """``outcome`` (None: no call of its own) plus ``batch`` successes of calls admitted as closed."""
         with self.lock:
             entry = self._live(key, now)
             state = entry.state if entry is not None else "closed"
@@ -351,13 +417,15 @@ class _LocalBreakers:
                     if entry.successes >= policy.half_open_calls:
                         self._entries[key] = _Entry(timing, now)  # closed, with a fresh window
                         return "closed", 0, "closed"
-                elif entry.permits > 0:
+                elif outcome == "ignored" and entry.permits > 0:
                     entry.permits -= 1
                 return "half_open", 0, ""
-            if outcome == "ignored":
+            failures = 1 if outcome == "failure" else 0
+            calls = batch + (1 if outcome == "success" else failures)
+            if not calls:
                 return "closed", 0, ""
             entry = self._entry(key, timing, now)
-            calls, failures = entry.add(now, outcome)
+            calls, failures = entry.add(now, calls, failures)
             if _trips(calls, failures, policy):
                 entry.open(now + timing.cooldown)
                 return "open", entry.reopen_at, "opened"
@@ -375,21 +443,23 @@ class _LocalBreakers:
         key: str,
         timing: _Timing,
         now: int,
-        outcome: Outcome,
+        counted: tuple[int, int],
         state: StateName,
         reopen_at: int,
-        counted: bool,
         transition: str,
     ) -> None:
-        """Take the shared state after a record, and count this process's outcome in its own window."""
+        """Take the shared state after a record, and count this process's outcomes in its own window.
+
+        ``counted``: the calls and failures Redis counted in its window (none outside closed).
+        """
         with self.lock:
-            if state == "closed" and not counted and self._live(key, now) is None:
+            if state == "closed" and not counted[0] and self._live(key, now) is None:
                 return  # nothing worth remembering (an ignored call on a fresh breaker)
             entry = self._entry(key, timing, now)
             if transition == "closed":
-                entry.buckets.clear()  # closed from half-open: a fresh window, as in Redis
-            if counted:
-                entry.add(now, outcome)
+                entry.clear_window()  # closed from half-open: a fresh window, as in Redis
+            if counted[0]:
+                entry.add(now, *counted)
             if state == "open":
                 if entry.state != "open" or entry.reopen_at != reopen_at:
                     entry.open(reopen_at)
@@ -454,6 +524,8 @@ def _after_fork_in_child() -> None:
     for breakers in list(_instances):
         breakers._gate = threading.Lock()
         breakers._local.lock = threading.Lock()
+        breakers._trust_lock = threading.Lock()
+        breakers._trust = {}  # the parent sends its own pending successes: not twice
         breakers._probing = False  # the parent's probe thread does not exist here
 
 
@@ -461,6 +533,23 @@ on_fork_in_child(_after_fork_in_child)
 
 
 # --- the shared breakers ----------------------------------------------------------------
+
+
+class _Trust:
+    """What this process takes on trust for one breaker between two talks with Redis."""
+
+    __slots__ = ("closed_until", "flush_at", "open_until", "pending", "policy")
+
+    def __init__(self, policy: BreakerPolicy) -> None:
+        self.policy = policy
+        #: ms before which Redis's last "closed" admits calls without asking again.
+        self.closed_until = 0
+        #: ms until which Redis said open: only time ends an open state, so it is exact.
+        self.open_until = 0
+        #: Successes of calls admitted as closed, not yet sent to Redis.
+        self.pending = 0
+        #: ms from which the pending successes are sent with the next one.
+        self.flush_at = 0
 
 
 class CircuitBreakers:
@@ -479,6 +568,7 @@ class CircuitBreakers:
         *,
         retry_interval: float = 0.5,
         warn_interval: float = 30.0,
+        sync_interval: float = 0.1,
     ) -> None:
         self._redis_client = redis_client
         self.namespace = namespace
@@ -488,8 +578,13 @@ class CircuitBreakers:
         self.retry_interval = retry_interval
         #: Seconds between two warnings that the state is local.
         self.warn_interval = warn_interval
+        #: Seconds a "closed" from Redis is trusted, and successes are batched (module docstring).
+        self.sync_interval = sync_interval
+        self._sync_ms = int(sync_interval * 1000)
         self._local = _LocalBreakers()
         self._gate = threading.Lock()
+        self._trust: dict[str, _Trust] = {}
+        self._trust_lock = threading.Lock()
         #: time.monotonic() before which Redis is not tried; 0 while Redis answers.
         self._skip_until = 0.0
         self._down = False
@@ -504,14 +599,21 @@ class CircuitBreakers:
     def before_call(self, key: str, policy: BreakerPolicy) -> None:
         """Return if a call to ``key`` may go ahead; raise :class:`LLMCircuitOpenError` if not.
 
-        Closed: one EVALSHA (or pure memory in local mode). Open: rejected with
-        the time left. After the cool-down: half-open, and exactly
-        ``policy.half_open_calls`` trial calls pass, across every process.
+        Closed: at most one EVALSHA per ``sync_interval`` (pure memory in local
+        mode). Open: rejected with the time left. After the cool-down:
+        half-open, and exactly ``policy.half_open_calls`` trial calls pass,
+        across every process.
         """
         now = self._now()
-        timing = _Timing.of(policy)
+        trust = self._trust.get(key)
+        if trust is not None:
+            if trust.closed_until > now:
+                return
+            if trust.open_until > now:
+                raise self._open_error(key, _OPEN, trust.open_until - now, policy)
         client = self._acquire()
         if client is not None:
+            timing = _timing(policy)
             try:
                 reply = self._run(
                     client, _BEFORE, key, now, timing.cooldown, policy.half_open_calls, timing.ttl
@@ -520,12 +622,16 @@ class CircuitBreakers:
                 self._failed(exc)
             else:
                 code, ms = int(reply[0]), int(reply[1])
-                if code in (_ADMIT, _TRIAL):
+                if code == _ADMIT:
+                    self._trust_closed(key, policy, now)
+                    return
+                if code == _TRIAL:
                     return
                 if code == _OPEN:
                     self._local.mirror_open(key, timing, now, now + ms)
+                    self._trust_open(key, policy, now + ms)
                 raise self._open_error(key, code, ms, policy)
-        code, ms = self._local.before_call(key, policy, timing, now)
+        code, ms = self._local.before_call(key, policy, now)
         if code in (_ADMIT, _TRIAL):
             return
         raise self._open_error(key, code, ms, policy)
@@ -539,39 +645,32 @@ class CircuitBreakers:
         if outcome not in _OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(_OUTCOMES)}, got {outcome!r}")
         now = self._now()
-        timing = _Timing.of(policy)
-        client = self._acquire()
-        if client is not None:
-            try:
-                reply = self._run(
-                    client,
-                    _RECORD,
-                    key,
-                    now,
-                    outcome,
-                    timing.window,
-                    timing.bucket,
-                    policy.min_calls,
-                    repr(float(policy.failure_rate)),
-                    timing.cooldown,
-                    policy.half_open_calls,
-                    timing.ttl,
-                )
-            except _redis_failures() as exc:
-                self._failed(exc)
+        trust = self._trust.get(key)
+        if trust is None:
+            self._send(key, policy, now, outcome, 0)
+            return
+        with self._trust_lock:
+            if outcome != "failure" and trust.closed_until > now:  # admitted as closed
+                if outcome == "ignored":
+                    return  # nothing to count, and no trial permit to give back
+                trust.pending += 1
+                if now < trust.flush_at:
+                    return
+                trust.flush_at = now + self._sync_ms
+                batch, trust.pending = trust.pending, 0
+                own: Outcome | None = None
             else:
-                state = cast(StateName, _text(reply[0]))
-                reopen_at, counted, transition = int(reply[1]), bool(int(reply[2])), _text(reply[3])
-                self._local.mirror_record(key, timing, now, outcome, state, reopen_at, counted, transition)
-                self._log_transition(key, transition, policy, "redis")
-                return
-        _, _, transition = self._local.record(key, policy, timing, now, outcome)
-        self._log_transition(key, transition, policy, "local")
+                if outcome == "failure":
+                    trust.closed_until = 0  # ask Redis again: failures are when breakers open
+                batch, trust.pending = trust.pending, 0
+                own = outcome
+        self._send(key, policy, now, own, batch)
 
     def state(self, key: str, policy: BreakerPolicy) -> BreakerState:
         """The state of one breaker, its window counted with ``policy``."""
+        self._flush(key)
         now = self._now()
-        window = _Timing.of(policy).window
+        window = _timing(policy).window
         client = self._acquire()
         if client is not None:
             try:
@@ -584,6 +683,8 @@ class CircuitBreakers:
 
     def states(self) -> list[BreakerState]:
         """Every breaker known: the namespace in Redis (SCAN), else this process's own."""
+        for key in list(self._trust):
+            self._flush(key)
         now = self._now()
         client = self._acquire()
         if client is not None:
@@ -602,6 +703,80 @@ class CircuitBreakers:
                     if fields
                 ]
         return self._local.snapshots(now)
+
+    # --- what is taken on trust --------------------------------------------------------
+
+    def _trusted(self, key: str, policy: BreakerPolicy) -> _Trust:
+        trust = self._trust.get(key)
+        if trust is None:
+            with self._trust_lock:
+                trust = self._trust.setdefault(key, _Trust(policy))
+        trust.policy = policy
+        return trust
+
+    def _trust_closed(self, key: str, policy: BreakerPolicy, now: int) -> None:
+        trust = self._trusted(key, policy)
+        trust.closed_until, trust.open_until = now + self._sync_ms, 0
+
+    def _trust_open(self, key: str, policy: BreakerPolicy, reopen_at: int) -> None:
+        trust = self._trusted(key, policy)
+        trust.closed_until, trust.open_until = 0, reopen_at
+
+    def _flush(self, key: str) -> None:
+        """Send this process's pending successes of ``key`` (before the state is read)."""
+        trust = self._trust.get(key)
+        if trust is None or not trust.pending:
+            return
+        with self._trust_lock:
+            batch, trust.pending = trust.pending, 0
+        if batch:
+            self._send(key, trust.policy, self._now(), None, batch)
+
+    def _send(self, key: str, policy: BreakerPolicy, now: int, outcome: Outcome | None, batch: int) -> None:
+        """Count ``outcome`` (None: only the batch) and ``batch`` successes: in Redis, else locally."""
+        timing = _timing(policy)
+        client = self._acquire()
+        if client is not None:
+            try:
+                reply = self._run(
+                    client,
+                    _RECORD,
+                    key,
+                    now,
+                    outcome or "none",
+                    timing.window,
+                    timing.bucket,
+                    policy.min_calls,
+                    repr(float(policy.failure_rate)),
+                    timing.cooldown,
+                    policy.half_open_calls,
+                    timing.ttl,
+                    batch,
+                )
+            except _redis_failures() as exc:
+                self._failed(exc)
+            else:
+                state = cast(StateName, _text(reply[0]))
+                reopen_at, transition = int(reply[1]), _text(reply[3])
+                failures = 1 if outcome == "failure" else 0
+                calls = batch + (1 if outcome == "success" else failures)
+                counted = (calls, failures) if int(reply[2]) else (0, 0)
+                self._local.mirror_record(key, timing, now, counted, state, reopen_at, transition)
+                if state == "open":
+                    self._trust_open(key, policy, reopen_at)
+                elif state == "half_open":
+                    self._stop_trusting(key)
+                self._log_transition(key, transition, policy, "redis")
+                return
+        state, _, transition = self._local.record(key, policy, timing, now, outcome, batch)
+        if state != "closed":
+            self._stop_trusting(key)  # opened here, while Redis is away: the local breaker decides
+        self._log_transition(key, transition, policy, "local")
+
+    def _stop_trusting(self, key: str) -> None:
+        trust = self._trust.get(key)
+        if trust is not None:
+            trust.closed_until = 0
 
     # --- Redis, or why not ---------------------------------------------------------
 
