@@ -716,6 +716,66 @@ def test_chat_sends_the_translated_request_and_reads_the_answer(app, local_serve
     assert response.raw.id == "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG"
 
 
+SAME_AS_CREATE = {
+    "plain": {},
+    "every option": {
+        "temperature": 0.3,
+        "max_tokens": 50,
+        "user": "user-42",
+        "tools": [get_weather],
+        "tool_choice": "get_weather",
+        "response_format": {"title": "Answer", "type": "object", "properties": {"text": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["chat", "stream"])
+@pytest.mark.parametrize("options", list(SAME_AS_CREATE.values()), ids=list(SAME_AS_CREATE))
+def test_the_layer_sends_exactly_what_chat_completions_create_sends(make_app, local_server, options, stream):
+    """The adapter posts its body with ``client.post`` (see OpenAIProvider._create): the request on
+    the wire, headers included, must be the one ``chat.completions.create`` sends with that body."""
+    app = make_app(
+        OPENAI_API_KEY=CANARY_KEY,
+        OPENAI_BASE_URL=local_server.url_for("/v1"),
+        OPENAI_TIMEOUT=5,
+        LLM_ATTEMPT_TIMEOUT=2,  # shorter than the client's: sent as this request's timeout
+    )
+    text = '{"text": "hi"}'  # valid structured output too
+    upstream = serve(local_server, completion(text), stream=text_stream(text) if stream else None)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+    def both() -> None:
+        llm = get_llm()
+        if stream:
+            assert "".join(llm.chat_stream(messages, model=MODEL, **options)) == text
+        else:
+            assert llm.chat(messages, model=MODEL, **options).content == text
+        sent = dict(upstream.bodies[0])
+        from app.services.openai_service import get_openai_client
+
+        client = get_openai_client().with_options(max_retries=0)
+        if stream:
+            for _ in client.chat.completions.create(**sent, timeout=2.0):
+                pass
+        else:
+            client.chat.completions.create(**sent, timeout=2.0)
+
+    in_app(app, both)
+    assert len(upstream.bodies) == 2
+    ours, theirs = upstream.bodies
+    assert ours == theirs
+    assert (ours.get("stream"), ours.get("stream_options")) == (
+        (True, {"include_usage": True}) if stream else (None, None)
+    )
+    if options:
+        assert ours["max_completion_tokens"] == 50 and ours["tools"][0]["function"]["name"] == "get_weather"
+    ours_headers, their_headers = upstream.headers
+    assert ours_headers == their_headers
+    assert ours_headers["authorization"] == f"Bearer {CANARY_KEY}"
+    assert ours_headers["x-stainless-read-timeout"] == "2.0"
+    assert upstream.paths == [CHAT_PATH, CHAT_PATH]
+
+
 def test_tool_choice_is_not_sent_without_tools(app, local_server):
     upstream = serve(local_server)
 

@@ -14,7 +14,6 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
@@ -214,21 +213,17 @@ class LLM:
         if not address:
             raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set")
         extra = fallbacks if fallbacks is not None else self.resilience.fallbacks.get(address, ())
+        if not extra:
+            return [address]
         if isinstance(extra, str):
             raise LLMBadRequestError("fallbacks must be a list of 'provider/model' names")
         return list(dict.fromkeys([address, *extra]))  # each model at most once
 
-    def _invoke(self, provider: Provider, call: Callable[[Any], Any], request: Any) -> Any:
-        try:
-            return call(request)
-        except Exception as exc:
-            raise self._typed(provider, exc, request.context()) from exc
-
-    async def _ainvoke(self, provider: Provider, call: Callable[[Any], Any], request: Any) -> Any:
-        try:
-            return await call(request)
-        except Exception as exc:
-            raise self._typed(provider, exc, request.context()) from exc
+    def _mapper(
+        self, provider: Provider, request: ChatRequest | EmbedRequest
+    ) -> Callable[[BaseException], LLMError]:
+        """What the policy calls to turn an exception of this call into its typed error."""
+        return lambda exc: self._typed(provider, exc, request.context())
 
     @staticmethod
     def _skip_fallback(
@@ -269,6 +264,7 @@ class LLM:
         chain = self._chain(model, fallbacks)
         attempts: list[Attempt] = []
         started = time.perf_counter()
+        guards = self.guards
         last_error: LLMError | None = None
         for index, address in enumerate(chain):
             try:
@@ -279,16 +275,16 @@ class LLM:
                 self._skip_fallback(index, chain, address, unusable, last_error, attempts)
                 continue
             try:
-                response: ChatResponse = self.guards.call(
+                response: ChatResponse = guards.call(
                     request,
-                    lambda r, p=provider: self._invoke(p, p.chat, r),  # type: ignore[misc]
-                    tokens=partial(self.guards.estimate_tokens, request),
+                    provider.chat,
+                    self._mapper(provider, request),
                     usage=_response_tokens,
                     attempts=attempts,
                 )
             except LLMError as error:
                 error.attempts = attempts  # type: ignore[attr-defined]
-                if index + 1 < len(chain) and self.guards.falls_back(error):
+                if index + 1 < len(chain) and guards.falls_back(error):
                     last_error = error
                     continue
                 raise
@@ -327,13 +323,7 @@ class LLM:
                 return self._typed(p, exc, c)
 
             try:
-                events = self.guards.stream(
-                    request,
-                    provider.stream,
-                    typed,
-                    tokens=partial(self.guards.estimate_tokens, request),
-                    attempts=attempts,
-                )
+                events = self.guards.stream(request, provider.stream, typed, attempts=attempts)
             except LLMError as error:
                 error.attempts = attempts  # type: ignore[attr-defined]
                 if index + 1 < len(chain) and self.guards.falls_back(error):
@@ -347,10 +337,11 @@ class LLM:
         provider, request = self._embed_request(inputs, model)
         result: list[list[float]] = self.guards.call(
             request,
-            lambda r: self._invoke(provider, provider.embed, r),
-            tokens=lambda: sum(len(text) for text in request.inputs) // 4 + 1,
+            provider.embed,
+            self._mapper(provider, request),
             usage=lambda _vectors: None,
             attempts=[],
+            tokens=lambda: sum(len(text) for text in request.inputs) // 4 + 1,
         )
         return result
 
@@ -382,8 +373,8 @@ class LLM:
             try:
                 response: ChatResponse = await self.guards.acall(
                     request,
-                    lambda r, p=provider: self._ainvoke(p, p.achat, r),  # type: ignore[misc]
-                    tokens=partial(self.guards.estimate_tokens, request),
+                    provider.achat,
+                    self._mapper(provider, request),
                     usage=_response_tokens,
                     attempts=attempts,
                 )
@@ -450,13 +441,7 @@ class LLM:
             def typed(exc: BaseException, p: Provider = provider, c: dict[str, Any] = context) -> LLMError:
                 return self._typed(p, exc, c)
 
-            events = self.guards.astream(
-                request,
-                provider.astream,
-                typed,
-                tokens=partial(self.guards.estimate_tokens, request),
-                attempts=attempts,
-            )
+            events = self.guards.astream(request, provider.astream, typed, attempts=attempts)
             try:
                 first_event = await anext(events, None)
             except LLMError as error:
@@ -480,10 +465,11 @@ class LLM:
         provider, request = self._embed_request(inputs, model)
         result: list[list[float]] = await self.guards.acall(
             request,
-            lambda r: self._ainvoke(provider, provider.aembed, r),
-            tokens=lambda: sum(len(text) for text in request.inputs) // 4 + 1,
+            provider.aembed,
+            self._mapper(provider, request),
             usage=lambda _vectors: None,
             attempts=[],
+            tokens=lambda: sum(len(text) for text in request.inputs) // 4 + 1,
         )
         return result
 

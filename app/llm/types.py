@@ -106,20 +106,27 @@ class Message:
 
 def normalise_messages(messages: Sequence[Mapping[str, Any]] | Any) -> list[Message]:
     """Validate user messages into :class:`Message` values; a bad one is an LLMBadRequestError."""
-    if isinstance(messages, str) or not isinstance(messages, Sequence) or not messages:
+    if type(messages) is not list and (isinstance(messages, str) or not isinstance(messages, Sequence)):
+        raise LLMBadRequestError("messages must be a non-empty list of {role, content} dicts")
+    if not messages:
         raise LLMBadRequestError("messages must be a non-empty list of {role, content} dicts")
     return [_message(index, raw) for index, raw in enumerate(messages)]
 
 
 def _message(index: int, raw: Any) -> Message:
-    where = f"messages[{index}]"
-    if not isinstance(raw, Mapping):
-        raise LLMBadRequestError(f"{where} must be a dict with role and content")
+    # Every call validates its messages: the checks go cheapest first (a dict before the
+    # Mapping ABC), and a plain text message is built without the general path.
+    if type(raw) is not dict and not isinstance(raw, Mapping):
+        raise LLMBadRequestError(f"messages[{index}] must be a dict with role and content")
     role = raw.get("role")
     if not isinstance(role, str) or role not in ROLES:  # an unhashable role must not be a TypeError
-        raise LLMBadRequestError(f"{where}.role must be one of {sorted(ROLES)}, got {role!r}")
+        raise LLMBadRequestError(f"messages[{index}].role must be one of {sorted(ROLES)}, got {role!r}")
+    content = raw.get("content")
+    if type(content) is str and role != "tool" and len(raw) == 2:  # {"role", "content": "text"}
+        return Message(role=cast(Role, role), parts=(TextPart(content),))
+    where = f"messages[{index}]"
     raw_calls = raw.get("tool_calls")
-    parts = _parts(where, raw.get("content"), allow_empty=role == "assistant" and bool(raw_calls))
+    parts = _parts(where, content, allow_empty=role == "assistant" and bool(raw_calls))
     tool_calls = (
         tuple(_tool_call(f"{where}.tool_calls[{i}]", c) for i, c in enumerate(raw_calls)) if raw_calls else ()
     )

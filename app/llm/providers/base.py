@@ -127,12 +127,19 @@ class WithoutRetries:
 
     def __init__(self) -> None:
         self._copies: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        #: The last (client, copy) handed out: every call of a sync client finds it here,
+        #: without the weak dictionary's weakref per lookup. Replaced, so never kept alive long.
+        self._last: tuple[Any, Any] = (None, None)
 
     def __call__(self, client: Any) -> Any:
+        last_client, last_copy = self._last
+        if last_client is client:
+            return last_copy
         copy = self._copies.get(client)
         if copy is None:
             copy = client.with_options(max_retries=0)
             self._copies[client] = copy
+        self._last = (client, copy)
         return copy
 
 

@@ -10,7 +10,6 @@ try to the list they are given, so fallbacks can show the path taken.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
@@ -52,7 +51,6 @@ class Guards:
     """One app's resilience state and the loop that applies it."""
 
     falls_back = staticmethod(falls_back)
-    estimate_tokens = staticmethod(estimate_tokens)
 
     def __init__(
         self,
@@ -114,33 +112,48 @@ class Guards:
         )
         self.breakers.record(key, policy.breaker, outcome)
 
+    def _reserve(
+        self,
+        key: str,
+        policy: ProviderPolicy,
+        request: ChatRequest | EmbedRequest,
+        tokens: Callable[[], int] | None,
+    ) -> Reservation | None:
+        """Take the call's place in the rate limits of ``key`` (nothing to do without one)."""
+        limits = policy.limits
+        if not limits.rpm and not limits.tpm:
+            return None
+        return self.limiter.acquire(
+            key, limits, _tokens(request, tokens, limits.tpm), min(limits.max_wait, policy.retry.deadline)
+        )
+
     # --- non-streaming calls ---------------------------------------------------
 
     def call(
         self,
         request: RequestT,
         invoke: Callable[[RequestT], T],
+        typed: Callable[[BaseException], LLMError],
         *,
-        tokens: Callable[[], int],
         usage: Callable[[T], int | None],
         attempts: list[Attempt],
+        tokens: Callable[[], int] | None = None,
     ) -> T:
+        """Run ``invoke`` (the adapter's call) under the policy; ``typed`` maps what it raises.
+
+        ``tokens`` estimates the request's tokens for a TPM limit (default:
+        :func:`estimate_tokens` of a chat request); it runs only when one is set.
+        """
         key = f"{request.provider}/{request.model}"
         policy = self.settings.policy(request.provider, request.model)
-        started = self._clock()
-        deadline_at = started + policy.retry.deadline
-        reservation = self.limiter.acquire(
-            key,
-            policy.limits,
-            tokens() if policy.limits.tpm else 0,
-            min(policy.limits.max_wait, policy.retry.deadline),
-        )
+        deadline_at = self._clock() + policy.retry.deadline
+        reservation = self._reserve(key, policy, request, tokens)
         retry = 0
         while True:
-            remaining = deadline_at - self._clock()
+            attempt_started = self._clock()
+            remaining = deadline_at - attempt_started
             if remaining <= 0:
                 raise self._deadline_error(request, policy)
-            attempt_started = self._clock()
             error: LLMError | None = None
             try:
                 self.breakers.before_call(key, policy.breaker)
@@ -150,6 +163,8 @@ class Guards:
                     result = invoke(_with_timeout(request, self._attempt_timeout(policy, remaining)))
             except LLMError as exc:
                 error = exc
+            except Exception as exc:
+                error = _typed(typed, exc)
             elapsed = (self._clock() - attempt_started) * 1000
             self._record(key, policy, error)
             if error is None:
@@ -167,26 +182,30 @@ class Guards:
         self,
         request: RequestT,
         invoke: Callable[[RequestT], Awaitable[T]],
+        typed: Callable[[BaseException], LLMError],
         *,
-        tokens: Callable[[], int],
         usage: Callable[[T], int | None],
         attempts: list[Attempt],
+        tokens: Callable[[], int] | None = None,
     ) -> T:
+        """The async twin of :meth:`call`."""
         key = f"{request.provider}/{request.model}"
         policy = self.settings.policy(request.provider, request.model)
         deadline_at = self._clock() + policy.retry.deadline
-        reservation = await self.limiter.aacquire(
-            key,
-            policy.limits,
-            tokens() if policy.limits.tpm else 0,
-            min(policy.limits.max_wait, policy.retry.deadline),
+        limits = policy.limits
+        reservation = (
+            await self.limiter.aacquire(
+                key, limits, _tokens(request, tokens, limits.tpm), min(limits.max_wait, policy.retry.deadline)
+            )
+            if limits.rpm or limits.tpm
+            else None
         )
         retry = 0
         while True:
-            remaining = deadline_at - self._clock()
+            attempt_started = self._clock()
+            remaining = deadline_at - attempt_started
             if remaining <= 0:
                 raise self._deadline_error(request, policy)
-            attempt_started = self._clock()
             error: LLMError | None = None
             try:
                 self.breakers.before_call(key, policy.breaker)
@@ -196,6 +215,8 @@ class Guards:
                     result = await invoke(_with_timeout(request, self._attempt_timeout(policy, remaining)))
             except LLMError as exc:
                 error = exc
+            except Exception as exc:
+                error = _typed(typed, exc)
             elapsed = (self._clock() - attempt_started) * 1000
             self._record(key, policy, error)
             if error is None:
@@ -217,25 +238,20 @@ class Guards:
         open_events: Callable[[ChatRequest], Iterator[StreamEvent]],
         typed: Callable[[BaseException], LLMError],
         *,
-        tokens: Callable[[], int],
         attempts: list[Attempt],
+        tokens: Callable[[], int] | None = None,
     ) -> Iterator[StreamEvent]:
         """Open the stream with retries, then hand its events on; no retry after the first one."""
         key = f"{request.provider}/{request.model}"
         policy = self.settings.policy(request.provider, request.model)
         deadline_at = self._clock() + policy.retry.deadline
-        reservation = self.limiter.acquire(
-            key,
-            policy.limits,
-            tokens() if policy.limits.tpm else 0,
-            min(policy.limits.max_wait, policy.retry.deadline),
-        )
+        reservation = self._reserve(key, policy, request, tokens)
         retry = 0
         while True:
-            remaining = deadline_at - self._clock()
+            attempt_started = self._clock()
+            remaining = deadline_at - attempt_started
             if remaining <= 0:
                 raise self._deadline_error(request, policy)
-            attempt_started = self._clock()
             slot = self.bulkheads.slot(
                 request.provider, policy.bulkhead, min(policy.bulkhead.max_wait, remaining)
             )
@@ -322,18 +338,20 @@ class Guards:
         open_events: Callable[[ChatRequest], AsyncIterator[StreamEvent]],
         typed: Callable[[BaseException], LLMError],
         *,
-        tokens: Callable[[], int],
         attempts: list[Attempt],
+        tokens: Callable[[], int] | None = None,
     ) -> AsyncGenerator[StreamEvent, None]:
         """The async twin of :meth:`stream`: retries until the first event, then relays."""
         key = f"{request.provider}/{request.model}"
         policy = self.settings.policy(request.provider, request.model)
         deadline_at = self._clock() + policy.retry.deadline  # the rate-limit wait counts, as in stream()
-        reservation = await self.limiter.aacquire(
-            key,
-            policy.limits,
-            tokens() if policy.limits.tpm else 0,
-            min(policy.limits.max_wait, policy.retry.deadline),
+        limits = policy.limits
+        reservation = (
+            await self.limiter.aacquire(
+                key, limits, _tokens(request, tokens, limits.tpm), min(limits.max_wait, policy.retry.deadline)
+            )
+            if limits.rpm or limits.tpm
+            else None
         )
         first, events, slot = await self._aopen(
             key, policy, request, open_events, typed, attempts, deadline_at
@@ -378,10 +396,10 @@ class Guards:
         """Open the stream and read its first event, retrying as the policy allows."""
         retry = 0
         while True:
-            remaining = deadline_at - self._clock()
+            attempt_started = self._clock()
+            remaining = deadline_at - attempt_started
             if remaining <= 0:
                 raise self._deadline_error(request, policy)
-            attempt_started = self._clock()
             slot = self.bulkheads.aslot(
                 request.provider, policy.bulkhead, min(policy.bulkhead.max_wait, remaining)
             )
@@ -421,11 +439,23 @@ class Guards:
 
 
 def _with_timeout(request: RequestT, timeout: float) -> RequestT:
-    """``request`` with this attempt's timeout: a shallow copy, as dataclasses.replace
-    would make, without re-running ``__init__`` on every attempt of every call."""
-    attempt = copy.copy(request)
-    object.__setattr__(attempt, "timeout", timeout)
+    """``request`` with this attempt's timeout: the shallow copy dataclasses.replace would
+    make, without re-running ``__init__`` (nor copy.copy's pickle protocol) on every attempt."""
+    attempt = object.__new__(type(request))
+    fields = attempt.__dict__
+    fields.update(request.__dict__)
+    fields["timeout"] = timeout
     return attempt
+
+
+def _tokens(request: ChatRequest | EmbedRequest, tokens: Callable[[], int] | None, tpm: int | None) -> int:
+    """The tokens a TPM limit is charged up front (0 without one): ``tokens()``, else the estimate."""
+    if not tpm:
+        return 0
+    if tokens is not None:
+        return tokens()
+    assert isinstance(request, ChatRequest), "an embedding call passes its own token count"
+    return estimate_tokens(request)
 
 
 async def _async_sleep(seconds: float) -> None:
