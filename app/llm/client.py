@@ -160,19 +160,24 @@ class LLM:
         if not address:
             raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set")
         provider_name, model_name = split_model(address)
-        context: dict[str, Any] = {"provider": provider_name, "model": model_name}
         try:
             normalised = normalise_messages(messages)
-            specs = normalise_tools(tools)
-            choice = normalise_tool_choice(tool_choice, specs)
+            specs = normalise_tools(tools) if tools else []
+            choice = normalise_tool_choice(tool_choice, specs) if tool_choice is not None else None
         except LLMBadRequestError as exc:
-            raise LLMBadRequestError(exc.message, **context) from None
+            raise LLMBadRequestError(exc.message, provider=provider_name, model=model_name) from None
         if response_format is not None and not is_response_format(response_format):
             raise LLMBadRequestError(
-                "response_format must be a pydantic model class or a JSON schema dict", **context
+                "response_format must be a pydantic model class or a JSON schema dict",
+                provider=provider_name,
+                model=model_name,
             )
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise LLMBadRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}", **context)
+            raise LLMBadRequestError(
+                f"max_tokens must be a positive integer, got {max_tokens!r}",
+                provider=provider_name,
+                model=model_name,
+            )
         provider = self.provider(provider_name)
         request = ChatRequest(
             provider=provider_name,

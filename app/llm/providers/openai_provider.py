@@ -54,6 +54,9 @@ FINISH_REASONS: dict[str, FinishReason] = {
 
 def translate_message(message: Message) -> dict[str, Any]:
     """One message in the Chat Completions form."""
+    parts = message.parts
+    if len(parts) == 1 and type(parts[0]) is TextPart and message.role in ("system", "user"):
+        return {"role": message.role, "content": parts[0].text}  # the usual message, at once
     if message.role == "tool":
         return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.text}
     if message.role == "system":

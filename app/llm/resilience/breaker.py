@@ -404,10 +404,9 @@ class _LocalBreakers:
         """``outcome`` (None: no call of its own) plus ``batch`` successes of calls admitted as closed."""
         with self.lock:
             entry = self._live(key, now)
-            state = entry.state if entry is not None else "closed"
-            if entry is not None and state == "open":
+            if entry is not None and entry.state == "open":
                 return "open", entry.reopen_at, ""
-            if entry is not None and state == "half_open":
+            if entry is not None and entry.state == "half_open":
                 entry.timing, entry.touched = timing, now
                 if outcome == "failure":
                     entry.open(now + timing.cooldown)
@@ -424,9 +423,12 @@ class _LocalBreakers:
             calls = batch + (1 if outcome == "success" else failures)
             if not calls:
                 return "closed", 0, ""
-            entry = self._entry(key, timing, now)
+            if entry is None:
+                entry = self._entries[key] = _Entry(timing, now)
+            else:
+                entry.timing, entry.touched = timing, now
             calls, failures = entry.add(now, calls, failures)
-            if _trips(calls, failures, policy):
+            if failures and _trips(calls, failures, policy):  # no failure, no rate to reach
                 entry.open(now + timing.cooldown)
                 return "open", entry.reopen_at, "opened"
             return "closed", 0, ""
@@ -771,7 +773,8 @@ class CircuitBreakers:
         state, _, transition = self._local.record(key, policy, timing, now, outcome, batch)
         if state != "closed":
             self._stop_trusting(key)  # opened here, while Redis is away: the local breaker decides
-        self._log_transition(key, transition, policy, "local")
+        if transition:
+            self._log_transition(key, transition, policy, "local")
 
     def _stop_trusting(self, key: str) -> None:
         trust = self._trust.get(key)

@@ -95,7 +95,8 @@ class _Compartment:
 
     def release_locked(self) -> None:
         self.in_flight -= 1
-        self.grant_locked()
+        if self.waiters:
+            self.grant_locked()
 
     def give_up_locked(self, waiter: _Waiter) -> bool:
         """After a timeout: True if the slot was granted meanwhile (the waiter holds it)."""
@@ -185,6 +186,11 @@ class Slot(_SlotBase, AbstractContextManager[None]):
     def __enter__(self) -> None:
         compartment = self._compartment
         with compartment.lock:  # the common case first: a free slot, and no waiter to build
+            if compartment.in_flight < self._limit and not compartment.waiters:
+                compartment.limit = self._limit
+                compartment.in_flight += 1
+                self._held = True
+                return
             if compartment.take_or_wait_locked(self._limit, None):
                 self._held = True
                 return
