@@ -127,6 +127,21 @@ class Guards:
             key, limits, _tokens(request, tokens, limits.tpm), min(limits.max_wait, policy.retry.deadline)
         )
 
+    async def _areserve(
+        self,
+        key: str,
+        policy: ProviderPolicy,
+        request: ChatRequest | EmbedRequest,
+        tokens: Callable[[], int] | None,
+    ) -> Reservation | None:
+        """:meth:`_reserve` for async calls (a wait for the limit does not block the loop)."""
+        limits = policy.limits
+        if not limits.rpm and not limits.tpm:
+            return None
+        return await self.limiter.aacquire(
+            key, limits, _tokens(request, tokens, limits.tpm), min(limits.max_wait, policy.retry.deadline)
+        )
+
     # --- non-streaming calls ---------------------------------------------------
 
     def call(
@@ -192,14 +207,7 @@ class Guards:
         key = f"{request.provider}/{request.model}"
         policy = self.settings.policy(request.provider, request.model)
         deadline_at = self._clock() + policy.retry.deadline
-        limits = policy.limits
-        reservation = (
-            await self.limiter.aacquire(
-                key, limits, _tokens(request, tokens, limits.tpm), min(limits.max_wait, policy.retry.deadline)
-            )
-            if limits.rpm or limits.tpm
-            else None
-        )
+        reservation = await self._areserve(key, policy, request, tokens)
         retry = 0
         while True:
             attempt_started = self._clock()
@@ -345,14 +353,7 @@ class Guards:
         key = f"{request.provider}/{request.model}"
         policy = self.settings.policy(request.provider, request.model)
         deadline_at = self._clock() + policy.retry.deadline  # the rate-limit wait counts, as in stream()
-        limits = policy.limits
-        reservation = (
-            await self.limiter.aacquire(
-                key, limits, _tokens(request, tokens, limits.tpm), min(limits.max_wait, policy.retry.deadline)
-            )
-            if limits.rpm or limits.tpm
-            else None
-        )
+        reservation = await self._areserve(key, policy, request, tokens)
         first, events, slot = await self._aopen(
             key, policy, request, open_events, typed, attempts, deadline_at
         )
