@@ -1,7 +1,8 @@
 """OpenAI and every OpenAI-compatible endpoint (one adapter, one profile each).
 
-Uses ``get_openai_client(profile)`` / ``get_async_openai_client(profile)``,
-so clients stay lazy, per app, per process and fork-safe. OpenAI itself (the
+Uses the app's OpenAI connector, the one behind ``get_openai_client(profile)``
+and ``get_async_openai_client(profile)``, so clients stay lazy, per app, per
+process and fork-safe. OpenAI itself (the
 ``default`` profile and Azure) takes ``max_completion_tokens``; other
 compatible servers (Ollama, vLLM, Groq, OpenRouter) are sent the older and
 more widely accepted ``max_tokens``.
@@ -89,6 +90,16 @@ class OpenAIProvider(Provider):
         super().__init__(name)
         self.profile = profile
         self._without_retries = WithoutRetries()  # the layer retries, not the SDK
+        #: The app's OpenAI connector, found on first use: an adapter serves one app's LLM
+        #: layer, and the connector object lives as long as the app (reset and reconfigure
+        #: change what it holds, not which one it is).
+        self._connector: OpenAIConnector | None = None
+
+    def _openai(self) -> OpenAIConnector:
+        connector = self._connector
+        if connector is None:
+            connector = self._connector = current_openai_connector()
+        return connector
 
     def _client(self, request: ChatRequest | EmbedRequest) -> tuple[Any, dict[str, Any]]:
         """The profile's client without SDK retries, and the options for this attempt.
@@ -96,12 +107,12 @@ class OpenAIProvider(Provider):
         The options carry a shorter timeout for this attempt when the call's
         deadline leaves less than the client's own. One connector lookup serves both.
         """
-        connector = current_openai_connector()
+        connector = self._openai()
         client = self._without_retries(connector.client(self.profile))
         return client, self._timeout(connector, request)
 
     def _aclient(self, request: ChatRequest | EmbedRequest) -> tuple[Any, dict[str, Any]]:
-        connector = current_openai_connector()
+        connector = self._openai()
         client = self._without_retries(connector.async_client(self.profile))
         return client, self._timeout(connector, request)
 
@@ -205,7 +216,7 @@ class OpenAIProvider(Provider):
         return params
 
     def _is_azure(self) -> bool:
-        return current_openai_connector().profile(self.profile).is_azure
+        return self._openai().profile(self.profile).is_azure
 
     # --- responses -------------------------------------------------------------
 

@@ -258,16 +258,20 @@ class _Timing:
         return _Timing(window, max(1, window // BUCKETS), cooldown, window + cooldown + EXPIRY_MARGIN_MS)
 
 
-_timings: dict[BreakerPolicy, _Timing] = {}
+#: id(policy) -> (policy, its timing). By identity: the settings hand out the same policy objects,
+#: and hashing a frozen dataclass hashes all its fields on every call.
+_timings: dict[int, tuple[BreakerPolicy, _Timing]] = {}
 
 
 def _timing(policy: BreakerPolicy) -> _Timing:
-    """``_Timing.of(policy)``, computed once per policy (policies are few and immutable)."""
-    timing = _timings.get(policy)
-    if timing is None:
-        if len(_timings) >= 256:  # policies made on the fly (tests): keep the cache small
-            _timings.clear()
-        timing = _timings[policy] = _Timing.of(policy)
+    """``_Timing.of(policy)``, computed once per policy object (policies are few and immutable)."""
+    cached = _timings.get(id(policy))
+    if cached is not None and cached[0] is policy:
+        return cached[1]
+    if len(_timings) >= 256:  # policies made on the fly (tests): keep the cache small
+        _timings.clear()
+    timing = _Timing.of(policy)
+    _timings[id(policy)] = (policy, timing)  # the policy is kept, so its id is not reused
     return timing
 
 
