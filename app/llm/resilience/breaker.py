@@ -20,7 +20,9 @@ breaker is remembered until the time Redis gave (only time ends an open
 state), so rejected calls do not ask Redis either. What it costs: a
 breaker another process opens is seen here up to ``sync_interval`` late,
 and another process's last 0.1 s of successes may be missing from the rate
-a failure is judged by.
+a failure is judged by. The in-process breaker (no Redis, or Redis down)
+takes the same fast path, with the same guarantees, so that a healthy call
+costs the same few steps whichever holds the state.
 
 Why a local breaker too: Redis is a dependency that must fail open, but
 "Redis unavailable" must never mean "closed". Each instance keeps an
@@ -638,7 +640,10 @@ class CircuitBreakers:
                     self._trust_open(key, policy, now + ms)
                 raise self._open_error(key, code, ms, policy)
         code, ms = self._local.before_call(key, policy, now)
-        if code in (_ADMIT, _TRIAL):
+        if code == _ADMIT:
+            self._trust_closed(key, policy, now)  # the in-process breaker batches successes too
+            return
+        if code == _TRIAL:
             return
         raise self._open_error(key, code, ms, policy)
 
