@@ -6,12 +6,14 @@ the same layer with the policy off: ``llm._request(...)`` then
 ``provider.chat(request)`` on the provider adapter, i.e. the same validation,
 translation and SDK call without ``Guards``. Both hit the local
 OpenAI-protocol server of :mod:`bench.llm_overhead`, alternating call by call
-over 15 rounds; the figure is the ratio of the medians of the rounds' median
-per-call times (target: under 1.05x). It is measured with breakers in this
-process (no ``REDIS_URL``) and with breakers in Redis (a private
-``redis-server`` the bench starts, when one is on PATH): there a busy closed
-breaker asks Redis about twice per ``sync_interval`` (0.1 s) rather than twice
-per call (see :mod:`app.llm.resilience.breaker`).
+over 15 rounds; a process's figure is the ratio of the medians of the rounds'
+median per-call times, and the figure reported is the median over 3 fresh
+processes (:mod:`bench.processes`), with their range (target: under 1.05x).
+It is measured with breakers in this process (no ``REDIS_URL``) and with
+breakers in Redis (a private ``redis-server`` the bench starts, when one is on
+PATH): there a busy closed breaker asks Redis about twice per
+``sync_interval`` (0.1 s) rather than twice per call (see
+:mod:`app.llm.resilience.breaker`).
 
 (b) A call rejected by an open breaker: the breaker of the model is opened by
 recording failures, then ``get_llm().chat(...)`` is timed until it raises
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.llm_overhead import MESSAGES, MODEL, _interleaved, _timed, start_server  # noqa: E402
+from bench.processes import in_processes, is_worker, ratio_text, report, spread  # noqa: E402
 
 CALLS = 200
 REJECTED_CALLS = 3000
@@ -195,39 +198,42 @@ def measure() -> dict[str, Any]:
 
 
 def main() -> None:
-    import logging
+    if is_worker():
+        import logging
 
-    logger = logging.getLogger("app.llm.resilience")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # not "REDIS_URL is not set" nor "circuit breaker ... opened"
-    try:
-        result = measure()
-    finally:
-        logger.setLevel(level)
-    local = result["local"]
+        # Neither "REDIS_URL is not set" nor "circuit breaker ... opened" in the figures.
+        logging.getLogger("app.llm.resilience").setLevel(logging.ERROR)
+        report(measure())
+        return
+    results = in_processes("bench.resilience_overhead")
+
+    def ms(*path: str) -> float:
+        return spread(results, *path)[0]
+
     print(
-        f"policy on a healthy chat() (local breakers): {local['on_ms']:.3f} ms/call, "
-        f"policy off: {local['off_ms']:.3f} ms/call, ratio {local['ratio']:.3f}x (target < 1.05x)"
+        f"policy on a healthy chat() (local breakers): {ms('local', 'on_ms'):.3f} ms/call, "
+        f"policy off: {ms('local', 'off_ms'):.3f} ms/call, ratio {ratio_text(results, 'local', 'ratio')}"
+        " (target < 1.05x)"
     )
-    if result["redis_available"]:
-        shared = result["redis"]
+    if all(result["redis_available"] for result in results):
         print(
-            f"policy on a healthy chat() (Redis breakers): {shared['on_ms']:.3f} ms/call, "
-            f"policy off: {shared['off_ms']:.3f} ms/call, ratio {shared['ratio']:.3f}x (target < 1.05x)"
+            f"policy on a healthy chat() (Redis breakers): {ms('redis', 'on_ms'):.3f} ms/call, "
+            f"policy off: {ms('redis', 'off_ms'):.3f} ms/call, ratio {ratio_text(results, 'redis', 'ratio')}"
+            " (target < 1.05x)"
         )
         print(
-            f"chat() rejected by an open breaker: {result['local_rejected_us']:.1f} µs local, "
-            f"{result['redis_rejected_us']:.1f} µs Redis (median of {REJECTED_CALLS - 100} calls)"
+            f"chat() rejected by an open breaker: {ms('local_rejected_us'):.1f} µs local, "
+            f"{ms('redis_rejected_us'):.1f} µs Redis (median of {REJECTED_CALLS - 100} calls)"
         )
         print(
-            f"Redis PING round trip on this machine: {result['redis_ping_us']:.1f} µs"
+            f"Redis PING round trip on this machine: {ms('redis_ping_us'):.1f} µs"
             " (a busy closed breaker asks Redis about twice per 0.1 s;"
             " an open one not until its cool-down ends)"
         )
     else:
         print("policy with Redis breakers: not measured (redis-server is not on PATH)")
         print(
-            f"chat() rejected by an open breaker: {result['local_rejected_us']:.1f} µs local "
+            f"chat() rejected by an open breaker: {ms('local_rejected_us'):.1f} µs local "
             f"(median of {REJECTED_CALLS - 100} calls); Redis not measured"
         )
 
