@@ -2,9 +2,10 @@
 
 (a) ``get_llm().chat(...)`` (rate limit -> deadline -> retry -> breaker ->
 bulkhead -> attempt, plus the fallback chain and the attempts record) against
-the same layer with the policy off: ``llm._request(...)`` then
-``provider.chat(request)`` on the provider adapter, i.e. the same validation,
-translation and SDK call without ``Guards``. Both hit the local
+the same layer with the policy off: ``llm._request(...)``, then
+``provider.chat(request)`` on the provider adapter and ``llm._finish(...)``,
+i.e. the same validation, translation, SDK call and finished response without
+``Guards`` and the fallback chain. Both hit the local
 OpenAI-protocol server of :mod:`bench.llm_overhead`, alternating call by call
 over 15 rounds; a process's figure is the ratio of the medians of the rounds'
 median per-call times, and the figure reported is the median over 3 fresh
@@ -112,9 +113,10 @@ def healthy(app: Any, expected_backend: str) -> dict[str, float]:
         return get_llm().chat(MESSAGES, model=ADDRESS)
 
     def policy_off() -> object:
+        started = time.perf_counter()
         llm = get_llm()
         provider, request = llm._request(MESSAGES, ADDRESS, None, None, None, None, None, None)
-        return provider.chat(request)
+        return llm._finish(request, provider.chat(request), started)  # the layer's own last step
 
     with app.app_context():
         assert get_llm().chat(MESSAGES, model=ADDRESS).content == "Hello!"

@@ -181,11 +181,13 @@ class Guards:
             except Exception as exc:
                 error = _typed(typed, exc)
             elapsed = (self._clock() - attempt_started) * 1000
-            self._record(key, policy, error)
-            if error is None:
+            if error is None:  # the healthy path, kept short: every call takes it
+                self.breakers.record(key, policy.breaker, "success")
                 attempts.append(Attempt(key, "ok", elapsed))
-                self.limiter.settle(reservation, usage(result))
+                if reservation is not None:
+                    self.limiter.settle(reservation, usage(result))
                 return result
+            self._record(key, policy, error)
             attempts.append(Attempt(key, type(error).__name__, elapsed, error.status_code))
             delay = self._give_up(error, retry, policy, deadline_at)
             if delay is None:
@@ -226,11 +228,13 @@ class Guards:
             except Exception as exc:
                 error = _typed(typed, exc)
             elapsed = (self._clock() - attempt_started) * 1000
-            self._record(key, policy, error)
             if error is None:
+                self.breakers.record(key, policy.breaker, "success")
                 attempts.append(Attempt(key, "ok", elapsed))
-                await self.limiter.asettle(reservation, usage(result))
+                if reservation is not None:
+                    await self.limiter.asettle(reservation, usage(result))
                 return result
+            self._record(key, policy, error)
             attempts.append(Attempt(key, type(error).__name__, elapsed, error.status_code))
             delay = self._give_up(error, retry, policy, deadline_at)
             if delay is None:
