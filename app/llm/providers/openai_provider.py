@@ -42,7 +42,9 @@ from app.llm.providers.base import (
 )
 from app.llm.structured import schema_name, strict_json_schema
 from app.llm.types import ChatResponse, FinishReason, ImagePart, Message, TextPart
-from app.services.openai_service import get_openai_client
+
+#: What a streamed request adds to the body: the last chunk then carries the usage.
+STREAMED: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
 
 FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop",
@@ -148,7 +150,7 @@ class OpenAIProvider(Provider):
 
         return client.post(
             "/chat/completions",
-            body={**params, "stream": True, "stream_options": {"include_usage": True}},
+            body={**params, **STREAMED},
             cast_to=ChatCompletion,
             options=self._post_options(options),
             stream=True,
@@ -168,7 +170,7 @@ class OpenAIProvider(Provider):
 
         return await client.post(
             "/chat/completions",
-            body={**params, "stream": True, "stream_options": {"include_usage": True}},
+            body={**params, **STREAMED},
             cast_to=ChatCompletion,
             options=self._post_options(options),
             stream=True,
@@ -313,7 +315,7 @@ class OpenAIProvider(Provider):
         return [item.embedding for item in sorted(result.data, key=lambda item: item.index)]
 
     def list_models(self) -> list[str]:
-        return sorted(model.id for model in get_openai_client(self.profile).models.list())
+        return sorted(model.id for model in self._openai().client(self.profile).models.list())
 
     # --- errors ----------------------------------------------------------------
 
