@@ -78,6 +78,8 @@ DEFAULTS: dict[str, Any] = {
     "LLM_BULKHEAD_MAX_WAIT": 1.0,
     "LLM_FALLBACKS": None,
     "LLM_POLICY": None,
+    "LLM_HOOKS": None,
+    "LLM_CALL_LOG": True,
     "HEALTH_CHECK_TIMEOUT": 2.0,
     "HEALTH_OPTIONAL_SERVICES": "",
 }

@@ -11,22 +11,23 @@ their laziness, fork safety and reset.
 from __future__ import annotations
 
 import threading
-import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from flask import Flask, current_app
 
-from app.config import get_str
+from app.config import get_bool, get_str
 from app.connectors._base import register
 from app.connectors.anthropic_connector import AnthropicConnector, parse_anthropic_settings
 from app.errors import ConfigError, ServiceNotConfiguredError, UnknownProfileError
 from app.llm.errors import LLMBadRequestError, LLMError, LLMNotConfiguredError
-from app.llm.providers.base import ChatRequest, EmbedRequest, Provider, StreamEvent
+from app.llm.hooks import CallKind, CallLogHook, HookChain, LLMCall, LLMHook, load_hooks
+from app.llm.providers.base import ChatRequest, EmbedRequest, Provider
 from app.llm.resilience.settings import ResilienceSettings, parse_resilience_settings
+from app.llm.resilience.steps import run_async, run_sync
 from app.llm.streaming import AsyncChatStream, ChatStream
-from app.llm.structured import is_response_format, parse_structured
+from app.llm.structured import is_response_format
 from app.llm.tools import normalise_tool_choice, normalise_tools
 from app.llm.types import ChatResponse, normalise_messages
 
@@ -34,10 +35,40 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from app.llm.ollama import OllamaManager
-    from app.llm.resilience.executor import Attempt, Guards
+    from app.llm.pipeline import Build, Pipeline
+    from app.llm.resilience.executor import Guards
 
 EXTENSION_KEY = "llm"
 OPENAI_PROVIDER = "openai"  # addresses the "default" OpenAI profile
+
+
+class ChatOptions(TypedDict):
+    """The keywords of a chat call that shape its request (the same for every model of the chain)."""
+
+    temperature: float | None
+    max_tokens: int | None
+    tools: Sequence[Any] | None
+    tool_choice: Any
+    response_format: Any
+    user: str | None
+
+
+def _options(
+    temperature: float | None,
+    max_tokens: int | None,
+    tools: Sequence[Any] | None,
+    tool_choice: Any,
+    response_format: Any,
+    user: str | None,
+) -> ChatOptions:
+    return ChatOptions(
+        temperature=temperature,
+        max_tokens=max_tokens,
+        tools=tools,
+        tool_choice=tool_choice,
+        response_format=response_format,
+        user=user,
+    )
 
 
 def split_model(model: str, *, setting: str = "model") -> tuple[str, str]:
@@ -53,11 +84,19 @@ def split_model(model: str, *, setting: str = "model") -> tuple[str, str]:
 class LLM:
     """One app's LLM layer: provider resolution and the calls."""
 
-    def __init__(self, app: Flask, default_model: str | None, resilience: ResilienceSettings) -> None:
+    def __init__(
+        self,
+        app: Flask,
+        default_model: str | None,
+        resilience: ResilienceSettings,
+        hooks: Sequence[LLMHook] = (),
+    ) -> None:
         self._app = weakref.ref(app)
         self.default_model = default_model
         self.resilience = resilience
+        self.hooks = HookChain(hooks)
         self._guards: Guards | None = None
+        self._pipeline: Pipeline | None = None
         self._providers: dict[str, Provider] = {}
         self._custom: dict[str, Callable[[str], Provider]] = {}
         self._lock = threading.Lock()
@@ -78,6 +117,16 @@ class LLM:
                     self._guards = _build_guards(app, self.resilience)
                 guards = self._guards
         return guards
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The call flows (hooks, fallbacks, policy); imported on the first call, like the guards."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            from app.llm.pipeline import Pipeline
+
+            pipeline = self._pipeline = Pipeline(self.hooks, lambda: self.guards, self._typed_for)
+        return pipeline
 
     # --- providers ---------------------------------------------------------
 
@@ -192,26 +241,24 @@ class LLM:
         )
         return provider, request
 
+    def _typed_for(
+        self, provider: Provider, request: ChatRequest | EmbedRequest
+    ) -> Callable[[BaseException], LLMError]:
+        """What turns an exception of this call into its typed error."""
+        return self._mapper(provider, request.context())
+
     @staticmethod
-    def _typed(provider: Provider, exc: BaseException, context: dict[str, Any]) -> LLMError:
-        if isinstance(exc, LLMError):
-            return exc
-        if isinstance(exc, ServiceNotConfiguredError):
-            return LLMNotConfiguredError(str(exc), setting=exc.setting, **context)
-        if isinstance(exc, UnknownProfileError):
-            return LLMNotConfiguredError(str(exc), setting="OPENAI_PROFILES", **context)
-        return provider.map_error(exc, context)
+    def _mapper(provider: Provider, context: dict[str, Any]) -> Callable[[BaseException], LLMError]:
+        def typed(exc: BaseException) -> LLMError:
+            if isinstance(exc, LLMError):
+                return exc
+            if isinstance(exc, ServiceNotConfiguredError):
+                return LLMNotConfiguredError(str(exc), setting=exc.setting, **context)
+            if isinstance(exc, UnknownProfileError):
+                return LLMNotConfiguredError(str(exc), setting="OPENAI_PROFILES", **context)
+            return provider.map_error(exc, context)
 
-    def _finish(self, request: ChatRequest, response: ChatResponse, started: float) -> ChatResponse:
-        response.latency_ms = (time.perf_counter() - started) * 1000
-        if request.response_format is not None and not response.tool_calls and response.parsed is None:
-            response.parsed = parse_structured(request.response_format, response.content, **request.context())
-        return response
-
-    # --- the API -----------------------------------------------------------
-    #
-    # Every call runs through self.guards (rate limit -> deadline -> retry ->
-    # breaker -> attempt), once per model of its fallback chain.
+        return typed
 
     def _chain(self, model: str | None, fallbacks: Sequence[str] | None) -> list[str]:
         address = model or self.default_model
@@ -224,34 +271,40 @@ class LLM:
             raise LLMBadRequestError("fallbacks must be a list of 'provider/model' names")
         return list(dict.fromkeys([address, *extra]))  # each model at most once
 
-    def _mapper(
-        self, provider: Provider, request: ChatRequest | EmbedRequest
-    ) -> Callable[[BaseException], LLMError]:
-        """What the policy calls to turn an exception of this call into its typed error."""
-        return lambda exc: self._typed(provider, exc, request.context())
+    def _prepare(
+        self,
+        kind: CallKind,
+        is_async: bool,
+        messages: Any,
+        model: str | None,
+        fallbacks: Sequence[str] | None,
+        options: ChatOptions,
+    ) -> tuple[LLMCall, list[str], Build]:
+        """Validate the call (the primary model's request, now) and describe it for the hooks."""
+        chain = self._chain(model, fallbacks)
+        first = self._request(messages, chain[0], **options)
 
-    @staticmethod
-    def _skip_fallback(
-        index: int,
-        chain: list[str],
-        address: str,
-        unusable: LLMError,
-        last_error: LLMError | None,
-        attempts: list[Attempt],
-    ) -> None:
-        """A fallback model that cannot be called (unknown or unconfigured provider).
+        def build(address: str) -> tuple[Provider, ChatRequest]:
+            # The primary's request is built once; a fallback's only when it is needed.
+            return first if address == chain[0] else self._request(messages, address, **options)
 
-        The primary's own invalid request is the caller's error and is raised;
-        a fallback that cannot be used is skipped (and shown in ``attempts``),
-        and when it was the last hope, the previous model's error is raised.
-        """
-        if index == 0 or last_error is None:
-            raise unusable
-        from app.llm.resilience.executor import Attempt
+        _provider, request = first
+        call = LLMCall(
+            kind, request.provider, request.model, request, options["user"], tenant=None, is_async=is_async
+        )
+        return call, chain, build
 
-        attempts.append(Attempt(address, type(unusable).__name__, 0.0))
-        if index + 1 == len(chain):
-            raise last_error
+    # --- the API -----------------------------------------------------------
+    #
+    # Each method describes the call and runs one flow of self.pipeline (hooks ->
+    # fallback chain -> the policy of self.guards) with the sync or async driver.
+
+    def add_hook(self, hook: LLMHook) -> None:
+        """Call ``hook`` around every call of this app (see :mod:`app.llm.hooks`)."""
+        self.hooks.add(hook)
+
+    def remove_hook(self, hook: LLMHook) -> None:
+        self.hooks.remove(hook)
 
     def chat(
         self,
@@ -264,91 +317,15 @@ class LLM:
         tool_choice: Any = None,
         response_format: Any = None,
         user: str | None = None,
+        tenant: str | None = None,
         fallbacks: Sequence[str] | None = None,
     ) -> ChatResponse:
-        chain = self._chain(model, fallbacks)
-        attempts: list[Attempt] = []
-        started = time.perf_counter()
-        guards = self.guards
-        last_error: LLMError | None = None
-        for index, address in enumerate(chain):
-            try:
-                provider, request = self._request(
-                    messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
-                )
-            except LLMError as unusable:
-                self._skip_fallback(index, chain, address, unusable, last_error, attempts)
-                continue
-            try:
-                response: ChatResponse = guards.call(
-                    request,
-                    provider.chat,
-                    self._mapper(provider, request),
-                    usage=_response_tokens,
-                    attempts=attempts,
-                )
-            except LLMError as error:
-                error.attempts = attempts  # type: ignore[attr-defined]
-                if index + 1 < len(chain) and guards.falls_back(error):
-                    last_error = error
-                    continue
-                raise
-            response.attempts = attempts
-            return self._finish(request, response, started)
-        raise AssertionError("unreachable: the chain is never empty")
-
-    def chat_stream(
-        self,
-        messages: Any,
-        model: str | None = None,
-        *,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        tools: Sequence[Any] | None = None,
-        tool_choice: Any = None,
-        response_format: Any = None,
-        user: str | None = None,
-        fallbacks: Sequence[str] | None = None,
-    ) -> ChatStream:
-        """Open a stream (retries and fallbacks happen here, before any text is returned)."""
-        chain = self._chain(model, fallbacks)
-        attempts: list[Attempt] = []
-        last_error: LLMError | None = None
-        for index, address in enumerate(chain):
-            try:
-                provider, request = self._request(
-                    messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
-                )
-            except LLMError as unusable:
-                self._skip_fallback(index, chain, address, unusable, last_error, attempts)
-                continue
-            context = request.context()
-
-            def typed(exc: BaseException, p: Provider = provider, c: dict[str, Any] = context) -> LLMError:
-                return self._typed(p, exc, c)
-
-            try:
-                events = self.guards.stream(request, provider.stream, typed, attempts=attempts)
-            except LLMError as error:
-                error.attempts = attempts  # type: ignore[attr-defined]
-                if index + 1 < len(chain) and self.guards.falls_back(error):
-                    last_error = error
-                    continue
-                raise
-            return ChatStream(request, events, typed, attempts=attempts)
-        raise AssertionError("unreachable: the chain is never empty")
-
-    def embed(self, inputs: Sequence[str], model: str | None = None) -> list[list[float]]:
-        provider, request = self._embed_request(inputs, model)
-        result: list[list[float]] = self.guards.call(
-            request,
-            provider.embed,
-            self._mapper(provider, request),
-            usage=lambda _vectors: None,
-            attempts=[],
-            tokens=lambda: sum(len(text) for text in request.inputs) // 4 + 1,
-        )
-        return result
+        call, chain, build = self._prepare(
+            "chat", False, messages, model, fallbacks,
+            _options(temperature, max_tokens, tools, tool_choice, response_format, user),
+        )  # fmt: skip
+        call.tenant = tenant
+        return run_sync(self.pipeline.chat(call, chain, build))
 
     async def achat(
         self,
@@ -361,37 +338,38 @@ class LLM:
         tool_choice: Any = None,
         response_format: Any = None,
         user: str | None = None,
+        tenant: str | None = None,
         fallbacks: Sequence[str] | None = None,
     ) -> ChatResponse:
-        chain = self._chain(model, fallbacks)
-        attempts: list[Attempt] = []
-        started = time.perf_counter()
-        last_error: LLMError | None = None
-        for index, address in enumerate(chain):
-            try:
-                provider, request = self._request(
-                    messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
-                )
-            except LLMError as unusable:
-                self._skip_fallback(index, chain, address, unusable, last_error, attempts)
-                continue
-            try:
-                response: ChatResponse = await self.guards.acall(
-                    request,
-                    provider.achat,
-                    self._mapper(provider, request),
-                    usage=_response_tokens,
-                    attempts=attempts,
-                )
-            except LLMError as error:
-                error.attempts = attempts  # type: ignore[attr-defined]
-                if index + 1 < len(chain) and self.guards.falls_back(error):
-                    last_error = error
-                    continue
-                raise
-            response.attempts = attempts
-            return self._finish(request, response, started)
-        raise AssertionError("unreachable: the chain is never empty")
+        call, chain, build = self._prepare(
+            "chat", True, messages, model, fallbacks,
+            _options(temperature, max_tokens, tools, tool_choice, response_format, user),
+        )  # fmt: skip
+        call.tenant = tenant
+        return await run_async(self.pipeline.chat(call, chain, build))
+
+    def chat_stream(
+        self,
+        messages: Any,
+        model: str | None = None,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        tools: Sequence[Any] | None = None,
+        tool_choice: Any = None,
+        response_format: Any = None,
+        user: str | None = None,
+        tenant: str | None = None,
+        fallbacks: Sequence[str] | None = None,
+    ) -> ChatStream:
+        """Open a stream now (retries and fallbacks happen here, before any text is returned)."""
+        call, chain, build = self._prepare(
+            "stream", False, messages, model, fallbacks,
+            _options(temperature, max_tokens, tools, tool_choice, response_format, user),
+        )  # fmt: skip
+        call.tenant = tenant
+        relay = run_sync(self.pipeline.open_stream(call, chain, build))
+        return ChatStream(relay.accumulator.request, call.attempts, relay)
 
     def achat_stream(
         self,
@@ -404,81 +382,50 @@ class LLM:
         tool_choice: Any = None,
         response_format: Any = None,
         user: str | None = None,
+        tenant: str | None = None,
         fallbacks: Sequence[str] | None = None,
     ) -> AsyncChatStream:
-        chain = self._chain(model, fallbacks)
+        """The request is validated now; the stream opens, by the same flow, on its first read."""
+        call, chain, build = self._prepare(
+            "stream", True, messages, model, fallbacks,
+            _options(temperature, max_tokens, tools, tool_choice, response_format, user),
+        )  # fmt: skip
+        call.tenant = tenant
+        request = call.request
+        assert isinstance(request, ChatRequest)
+        return AsyncChatStream(request, call.attempts, lambda: self.pipeline.open_stream(call, chain, build))
 
-        def build(address: str) -> tuple[Provider, ChatRequest]:
-            return self._request(
-                messages, address, temperature, max_tokens, tools, tool_choice, response_format, user
-            )
-
-        attempts: list[Attempt] = []
-        first_provider, first_request = build(chain[0])  # the caller's own request: validated now
-        stream = AsyncChatStream(
-            first_request,
-            self._afallback_events(chain, build, (first_provider, first_request), attempts, lambda: stream),
-            lambda exc: self._typed(first_provider, exc, first_request.context()),
-            attempts=attempts,
-        )
-        return stream
-
-    async def _afallback_events(
+    def embed(
         self,
-        chain: list[str],
-        build: Callable[[str], tuple[Provider, ChatRequest]],
-        first: tuple[Provider, ChatRequest],
-        attempts: list[Attempt],
-        stream: Callable[[], AsyncChatStream],
-    ) -> AsyncIterator[StreamEvent]:
-        last_error: LLMError | None = None
-        for index, address in enumerate(chain):
-            if index == 0:
-                provider, request = first
-            else:
-                try:
-                    provider, request = build(address)  # a fallback is prepared only when needed
-                except LLMError as unusable:
-                    self._skip_fallback(index, chain, address, unusable, last_error, attempts)
-                    continue
-            context = request.context()
+        inputs: Sequence[str],
+        model: str | None = None,
+        *,
+        user: str | None = None,
+        tenant: str | None = None,
+    ) -> list[list[float]]:
+        call, build = self._prepare_embed(inputs, model, user, tenant, is_async=False)
+        return run_sync(self.pipeline.embed(call, build)).vectors
 
-            def typed(exc: BaseException, p: Provider = provider, c: dict[str, Any] = context) -> LLMError:
-                return self._typed(p, exc, c)
+    async def aembed(
+        self,
+        inputs: Sequence[str],
+        model: str | None = None,
+        *,
+        user: str | None = None,
+        tenant: str | None = None,
+    ) -> list[list[float]]:
+        call, build = self._prepare_embed(inputs, model, user, tenant, is_async=True)
+        return (await run_async(self.pipeline.embed(call, build))).vectors
 
-            events = self.guards.astream(request, provider.astream, typed, attempts=attempts)
-            try:
-                first_event = await anext(events, None)
-            except LLMError as error:
-                await events.aclose()
-                error.attempts = attempts  # type: ignore[attr-defined]
-                if index + 1 < len(chain) and self.guards.falls_back(error):
-                    last_error = error
-                    continue
-                raise
-            stream().retarget(request)  # the answer comes from this model
-            try:
-                if first_event is not None:
-                    yield first_event
-                    async for event in events:
-                        yield event
-            finally:
-                await events.aclose()
-            return
-
-    async def aembed(self, inputs: Sequence[str], model: str | None = None) -> list[list[float]]:
-        provider, request = self._embed_request(inputs, model)
-        result: list[list[float]] = await self.guards.acall(
-            request,
-            provider.aembed,
-            self._mapper(provider, request),
-            usage=lambda _vectors: None,
-            attempts=[],
-            tokens=lambda: sum(len(text) for text in request.inputs) // 4 + 1,
-        )
-        return result
-
-    def _embed_request(self, inputs: Sequence[str], model: str | None) -> tuple[Provider, EmbedRequest]:
+    def _prepare_embed(
+        self,
+        inputs: Sequence[str],
+        model: str | None,
+        user: str | None,
+        tenant: str | None,
+        *,
+        is_async: bool,
+    ) -> tuple[LLMCall, Build]:
         address = model or self.default_model
         if not address:
             raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set")
@@ -487,14 +434,16 @@ class LLM:
             raise LLMBadRequestError(
                 "inputs must be a non-empty list of strings", provider=provider_name, model=model_name
             )
-        return self.provider(provider_name), EmbedRequest(provider_name, model_name, list(inputs))
+        first = self.provider(provider_name), EmbedRequest(provider_name, model_name, list(inputs))
+        call = LLMCall("embed", provider_name, model_name, first[1], user, tenant, is_async)
+        return call, lambda _address: first
 
     def list_models(self, provider: str) -> list[str]:
         adapter = self.provider(provider)
         try:
             return adapter.list_models()
         except Exception as exc:
-            raise self._typed(adapter, exc, {"provider": provider, "model": None}) from exc
+            raise self._mapper(adapter, {"provider": provider, "model": None})(exc) from exc
 
     @property
     def ollama(self) -> OllamaManager:
@@ -504,14 +453,6 @@ class LLM:
         app = self._app()
         assert app is not None
         return OllamaManager.for_app(app)
-
-
-def _response_tokens(response: ChatResponse) -> int | None:
-    if response.total_tokens is not None:
-        return response.total_tokens
-    if response.input_tokens is not None and response.output_tokens is not None:
-        return response.input_tokens + response.output_tokens
-    return None
 
 
 def init_app(app: Flask) -> None:
@@ -529,7 +470,20 @@ def init_app(app: Flask) -> None:
         register(app, AnthropicConnector(parse_anthropic_settings(app.config)))
     if EXTENSION_KEY in app.extensions:
         raise RuntimeError(f"app.llm.init_app() was already called on app {app.name!r}")
-    app.extensions[EXTENSION_KEY] = LLM(app, default_model, parse_resilience_settings(app.config))
+    hooks: list[LLMHook] = [CallLogHook()] if get_bool(app.config, "LLM_CALL_LOG") else []
+    hooks += load_hooks(_hook_paths(app.config.get("LLM_HOOKS")))
+    app.extensions[EXTENSION_KEY] = LLM(app, default_model, parse_resilience_settings(app.config), hooks)
+
+
+def _hook_paths(value: Any) -> list[str]:
+    """``LLM_HOOKS``: a list of ``"module:attribute"``, or a comma-separated string (from the environment)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list | tuple) and all(isinstance(part, str) for part in value):
+        return list(value)
+    raise ConfigError(f"LLM_HOOKS must be a list of 'module:attribute' strings, got {type(value).__name__}")
 
 
 def _build_guards(app: Flask, settings: ResilienceSettings) -> Guards:

@@ -2,16 +2,21 @@
 
 ``for text in stream`` yields text deltas; once the stream is exhausted,
 ``stream.response`` holds the final answer (tool calls, usage, finish
-reason). Closing a stream early (``close()``, leaving a ``with`` block, or a
-WSGI server closing the response when the client goes away) closes the
-provider's generator, which closes the upstream connection.
+reason). Closing a stream early (``close()``, leaving a ``with`` block, a WSGI
+server closing the response when the client goes away, or dropping it)
+closes the provider's generator, which closes the upstream connection.
+
+What happens at each event and at the end is decided once, in
+:class:`StreamRelay` (flows, as in :mod:`app.llm.resilience.steps`);
+:class:`ChatStream` and :class:`AsyncChatStream` only iterate.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.llm.errors import LLMError
 from app.llm.providers.base import (
@@ -22,8 +27,13 @@ from app.llm.providers.base import (
     ToolCallDelta,
     tool_call_from_json,
 )
+from app.llm.resilience.steps import Flow, Step, run_async, run_sync
 from app.llm.structured import parse_structured
 from app.llm.types import ChatResponse, ToolCall
+
+if TYPE_CHECKING:
+    from app.llm.hooks import HookChain, LLMCall
+    from app.llm.resilience.executor import Admission
 
 
 class StreamAccumulator:
@@ -58,19 +68,29 @@ class StreamAccumulator:
         )
         return None
 
-    def response(self) -> ChatResponse:
+    def used_tokens(self) -> int | None:
+        end = self.end
+        if end.total_tokens is not None:
+            return end.total_tokens
+        if end.input_tokens is not None and end.output_tokens is not None:
+            return end.input_tokens + end.output_tokens
+        return None
+
+    def response(self, *, partial: bool = False) -> ChatResponse:
+        """The answer so far; ``partial`` (a cancelled stream) skips what needs the whole answer."""
         request, end = self.request, self.end
         context = request.context()
-        tool_calls: list[ToolCall] = [
-            tool_call_from_json(
-                call["id"] or f"call_{index}", call["name"] or "", "".join(call["arguments"]), **context
-            )
-            for index, call in sorted(self.calls.items())
-        ]
+        tool_calls: list[ToolCall] = (
+            []
+            if partial
+            else [
+                tool_call_from_json(
+                    call["id"] or f"call_{index}", call["name"] or "", "".join(call["arguments"]), **context
+                )
+                for index, call in sorted(self.calls.items())
+            ]
+        )
         content = "".join(self.text) or None
-        total = end.total_tokens
-        if total is None and end.input_tokens is not None and end.output_tokens is not None:
-            total = end.input_tokens + end.output_tokens
         finish = end.finish_reason or ("tool_calls" if tool_calls else None)
         response = ChatResponse(
             content=content,
@@ -78,89 +98,210 @@ class StreamAccumulator:
             provider=request.provider,
             input_tokens=end.input_tokens,
             output_tokens=end.output_tokens,
-            total_tokens=total,
+            total_tokens=self.used_tokens(),
             finish_reason=finish,
             tool_calls=tool_calls,
             latency_ms=(time.perf_counter() - self.started) * 1000,
         )
-        if request.response_format is not None and not tool_calls:
+        if request.response_format is not None and not tool_calls and not partial:
             response.parsed = parse_structured(request.response_format, content, **context)
         return response
 
 
-class _StreamState:
+def response_events(response: ChatResponse) -> list[StreamEvent]:
+    """A finished answer as the events of a stream (a hook's answer, replayed)."""
+    events: list[StreamEvent] = [TextDelta(response.content)] if response.content else []
+    events += [
+        ToolCallDelta(index, id=call.id, name=call.name, arguments=json.dumps(call.arguments))
+        for index, call in enumerate(response.tool_calls)
+    ]
+    events.append(
+        StreamEnd(
+            finish_reason=response.finish_reason,
+            input_tokens=response.input_tokens,
+            output_tokens=response.output_tokens,
+            total_tokens=response.total_tokens,
+            model=response.model,
+        )
+    )
+    return events
+
+
+class OpenStream:
+    """What opening a stream gives: events already read (``buffered``), the rest, and what it holds."""
+
+    __slots__ = ("admission", "buffered", "events", "preset")
+
     def __init__(
         self,
-        request: ChatRequest,
-        map_error: Callable[[BaseException], LLMError],
-        attempts: list[Any] | None = None,
+        events: Any,
+        buffered: list[StreamEvent],
+        admission: Admission | None,
+        preset: ChatResponse | None = None,
     ) -> None:
-        self.request = request
-        self.map_error = map_error
-        self.accumulator = StreamAccumulator(request, time.perf_counter())
-        #: Every try behind this stream (retries, fallbacks); shared with the final response.
-        self.attempts: list[Any] = attempts if attempts is not None else []
-        self._response: ChatResponse | None = None
-        self.closed = False
+        #: The provider's iterator (sync or async), or None when ``buffered`` is the whole stream.
+        self.events = events
+        self.buffered = buffered
+        self.admission = admission
+        #: A hook's answer being replayed: the final response is that one, as the hook gave it.
+        self.preset = preset
 
-    def retarget(self, request: ChatRequest) -> None:
-        """The stream is answered by a fallback model: the response names that one."""
+
+class StreamRelay:
+    """The policy of one open stream: accumulate events, and end it exactly once.
+
+    Ending settles the stream's admission (slot, breaker verdict, rate-limit
+    correction) and tells the hooks: ``after_call`` at its end, ``on_error``
+    when it breaks, ``on_cancel`` when the caller closes it first.
+    """
+
+    def __init__(
+        self,
+        call: LLMCall,
+        hooks: HookChain,
+        opened: OpenStream,
+        map_error: Callable[[BaseException], LLMError],
+        close_step: Callable[[Any], Step],
+    ) -> None:
+        request = call.request
+        assert isinstance(request, ChatRequest)
+        self.call = call
+        self.hooks = hooks
+        self.opened = opened
+        self.map_error = map_error
+        self.close_step = close_step
+        self.accumulator = StreamAccumulator(request, call.started)
+        self.response: ChatResponse | None = None
+        self.ended = False
+
+    def buffered(self) -> StreamEvent | None:
+        """The next event read before the caller asked (the first one, or a replayed answer)."""
+        buffered = self.opened.buffered
+        return buffered.pop(0) if buffered else None
+
+    @property
+    def exhausted(self) -> bool:
+        """Nothing left to read: a replayed answer has no upstream behind its buffer."""
+        return self.opened.events is None and not self.opened.buffered
+
+    def finish(self) -> Flow[ChatResponse]:
+        """The stream ran to its end."""
+        self.ended = True
+        try:
+            response = self.opened.preset or self.accumulator.response()
+        except LLMError as error:  # malformed tool arguments, unparsable structured output
+            yield from self._fail(error)
+            raise
+        response.latency_ms = self.call.latency_ms
+        response.attempts = self.call.attempts
+        if self.opened.admission is not None:
+            yield from self.opened.admission.end(None, self.accumulator.used_tokens())
+        yield from self.hooks.after(self.call, response)
+        self.response = response
+        return response
+
+    def fail(self, exc: Exception) -> Flow[LLMError]:
+        """The stream broke: close upstream, settle, and return the typed error to raise."""
+        self.ended = True
+        error = exc if isinstance(exc, LLMError) else self.map_error(exc)
+        if error is not exc and error.__cause__ is None:
+            error.__cause__ = exc
+        yield self.close_step(self.opened.events)
+        yield from self._fail(error)
+        return error
+
+    def _fail(self, error: LLMError) -> Flow[None]:
+        """Settle, and tell the hooks."""
+        error.attempts = self.call.attempts  # type: ignore[attr-defined]
+        if self.opened.admission is not None:
+            yield from self.opened.admission.end(error, None)
+        yield from self.hooks.error(self.call, error)
+
+    def cancel(self) -> Flow[None]:
+        """Closed by the caller before its end: close upstream, give back, tell the hooks."""
+        if self.ended:
+            return
+        self.ended = True
+        yield self.close_step(self.opened.events)
+        if self.opened.admission is not None:
+            self.opened.admission.cancel()
+        yield from self.hooks.cancel(self.call, self.accumulator.response(partial=True))
+
+    def abandon(self) -> None:
+        """Dropped unclosed (garbage collected): give back what it holds, without blocking."""
+        if not self.ended:
+            self.ended = True
+            if self.opened.admission is not None:
+                self.opened.admission.cancel()
+
+
+class _StreamBase:
+    def __init__(self, request: ChatRequest, attempts: list[Any]) -> None:
         self.request = request
-        self.accumulator.request = request
+        #: Every try behind this stream (retries, fallbacks); shared with the final response.
+        self.attempts = attempts
+        self._relay: StreamRelay | None = None
+        self.closed = False
 
     @property
     def response(self) -> ChatResponse:
-        if self._response is None:
+        relay = self._relay
+        if relay is None or relay.response is None:
             raise RuntimeError("stream.response is available once the stream has been read to the end")
-        return self._response
+        return relay.response
 
-    def finish(self) -> None:
-        response = self.accumulator.response()
-        response.attempts = self.attempts
-        self._response = response
+    def _opened(self, relay: StreamRelay) -> None:
+        self._relay = relay
+        self.request = relay.accumulator.request  # a fallback may have answered
+
+    def __del__(self) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay.abandon()
 
 
-class ChatStream(_StreamState):
-    """A synchronous stream of text deltas (see the module docstring)."""
+class ChatStream(_StreamBase):
+    """A synchronous stream of text deltas, opened (with retries and fallbacks) when it is made."""
 
-    def __init__(
-        self,
-        request: ChatRequest,
-        events: Iterator[StreamEvent],
-        map_error: Callable[[BaseException], LLMError],
-        attempts: list[Any] | None = None,
-    ) -> None:
-        super().__init__(request, map_error, attempts)
-        self._events = events
+    def __init__(self, request: ChatRequest, attempts: list[Any], relay: StreamRelay) -> None:
+        super().__init__(request, attempts)
+        self._opened(relay)
+        self._events: Iterator[StreamEvent] = relay.opened.events
 
     def __iter__(self) -> ChatStream:
         return self
 
     def __next__(self) -> str:
-        while True:
-            try:
-                event = next(self._events)
-            except StopIteration:
-                self.closed = True
-                self.finish()
-                raise
-            except LLMError:
-                self.close()
-                raise
-            except Exception as exc:
-                self.close()
-                raise self.map_error(exc) from exc
-            text = self.accumulator.add(event)
+        relay = self._relay
+        assert relay is not None
+        while not self.closed:
+            event = relay.buffered()
+            if event is None:
+                try:
+                    if relay.exhausted:
+                        raise StopIteration
+                    event = next(self._events)
+                except StopIteration:
+                    self.closed = True
+                    run_sync(relay.finish())
+                    raise
+                except Exception as exc:
+                    self.closed = True
+                    raise run_sync(relay.fail(exc))  # noqa: B904 (the cause is set by fail)
+                except BaseException:  # interrupted: no verdict, but close upstream and give back
+                    self.close()
+                    raise
+            text = relay.accumulator.add(event)
             if text is not None:
                 return text
+        raise StopIteration
 
     def close(self) -> None:
         """Stop reading and close the upstream connection."""
         if not self.closed:
             self.closed = True
-            close = getattr(self._events, "close", None)
-            if close is not None:
-                close()
+            if self._relay is not None:
+                run_sync(self._relay.cancel())
 
     def __enter__(self) -> ChatStream:
         return self
@@ -169,49 +310,67 @@ class ChatStream(_StreamState):
         self.close()
 
 
-class AsyncChatStream(_StreamState):
-    """``async for text in stream``; ``await stream.aclose()`` closes upstream."""
+class AsyncChatStream(_StreamBase):
+    """``async for text in stream``; opened on the first read; ``await stream.aclose()`` closes upstream."""
 
     def __init__(
-        self,
-        request: ChatRequest,
-        events: AsyncIterator[StreamEvent],
-        map_error: Callable[[BaseException], LLMError],
-        attempts: list[Any] | None = None,
+        self, request: ChatRequest, attempts: list[Any], open_flow: Callable[[], Flow[StreamRelay]]
     ) -> None:
-        super().__init__(request, map_error, attempts)
-        self._events = events
+        super().__init__(request, attempts)
+        self._open_flow = open_flow
+        self._events: AsyncIterator[StreamEvent] | None = None
 
     def __aiter__(self) -> AsyncChatStream:
         return self
 
     async def __anext__(self) -> str:
-        while True:
-            try:
-                event = await self._events.__anext__()
-            except StopAsyncIteration:
-                self.closed = True
-                self.finish()
-                raise
-            except LLMError:
-                await self.aclose()
-                raise
-            except Exception as exc:
-                await self.aclose()
-                raise self.map_error(exc) from exc
-            text = self.accumulator.add(event)
+        relay = self._relay
+        if relay is None and not self.closed:
+            relay = await run_async(self._open_flow())
+            self._opened(relay)
+            self._events = relay.opened.events
+        while not self.closed:
+            assert relay is not None
+            event = relay.buffered()
+            if event is None:
+                try:
+                    if relay.exhausted:
+                        raise StopAsyncIteration
+                    assert self._events is not None
+                    event = await self._events.__anext__()
+                except StopAsyncIteration:
+                    self.closed = True
+                    await run_async(relay.finish())
+                    raise
+                except Exception as exc:
+                    self.closed = True
+                    raise await run_async(relay.fail(exc))  # noqa: B904 (the cause is set by fail)
+                except BaseException:  # cancelled: no verdict, but close upstream and give back
+                    await self.aclose()
+                    raise
+            text = relay.accumulator.add(event)
             if text is not None:
                 return text
+        raise StopAsyncIteration
 
     async def aclose(self) -> None:
         if not self.closed:
             self.closed = True
-            aclose = getattr(self._events, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            if self._relay is not None:
+                await run_async(self._relay.cancel())
 
     async def __aenter__(self) -> AsyncChatStream:
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.aclose()
+
+
+__all__ = [
+    "AsyncChatStream",
+    "ChatStream",
+    "OpenStream",
+    "StreamAccumulator",
+    "StreamRelay",
+    "response_events",
+]

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from app.connectors._base import on_fork_in_child
 from app.llm.errors import LLMBulkheadFullError
+from app.llm.resilience.steps import Step
 
 if TYPE_CHECKING:
     import asyncio
@@ -127,9 +128,8 @@ class Bulkheads:
         """
         return Slot(self._compartment(provider, policy), provider, policy.max_concurrency, max_wait)
 
-    def aslot(self, provider: str, policy: BulkheadPolicy, max_wait: float) -> AsyncSlot:
-        """``async with bulkheads.aslot(...):``, the same for async calls; waiting never blocks the loop."""
-        return AsyncSlot(self._compartment(provider, policy), provider, policy.max_concurrency, max_wait)
+    #: ``async with bulkheads.aslot(...):``: the same slot; waiting never blocks the event loop.
+    aslot = slot
 
     def in_flight(self, provider: str) -> int:
         """Calls holding a slot of ``provider`` in this process."""
@@ -153,13 +153,40 @@ class Bulkheads:
         self._reset_state()
 
 
-class _SlotBase:
+class Slot(AbstractContextManager[None], AbstractAsyncContextManager[None]):
+    """One slot of a provider's compartment, for a sync or an async call.
+
+    :meth:`try_take` takes a free slot without waiting; :meth:`wait` is the
+    step that waits for one (an event in a thread, a future on a loop). ``with``
+    and ``async with`` do both. :meth:`release` gives it back (twice is harmless).
+    """
+
+    __slots__ = ("_compartment", "_held", "_limit", "_max_wait", "_provider")
+
     def __init__(self, compartment: _Compartment, provider: str, limit: int, max_wait: float) -> None:
         self._compartment = compartment
         self._provider = provider
         self._limit = limit
         self._max_wait = max(0.0, max_wait)
         self._held = False
+
+    def try_take(self) -> bool:
+        """Take a free slot now, if no one is waiting for it."""
+        compartment = self._compartment
+        with compartment.lock:  # the common case first: a free slot, and no waiter to build
+            if compartment.in_flight < self._limit and not compartment.waiters:
+                compartment.limit = self._limit
+                compartment.in_flight += 1
+                self._held = True
+                return True
+            if compartment.take_or_wait_locked(self._limit, None):
+                self._held = True
+                return True
+        return False
+
+    def wait(self) -> Step:
+        """Wait up to ``max_wait`` for a slot, then raise :class:`LLMBulkheadFullError`."""
+        return Step(self._wait, self._await)
 
     def release(self) -> None:
         """Give the slot back (to the first waiter, if any); a no-op if not held."""
@@ -170,6 +197,53 @@ class _SlotBase:
             self._held = False
             compartment.release_locked()
 
+    def _queue(self, waiter: _Waiter | None) -> bool:
+        """Take a slot now (True), or queue ``waiter`` (False); raise at once when it may not wait."""
+        with self._compartment.lock:
+            if self._compartment.take_or_wait_locked(self._limit, waiter):
+                self._held = True
+                return True
+        if waiter is None:
+            raise self._full()
+        return False
+
+    def _settle(self, waiter: _Waiter) -> None:
+        """After the wait: hold the slot if it was granted meanwhile, else raise."""
+        with self._compartment.lock:
+            if self._compartment.give_up_locked(waiter):
+                self._held = True
+                return
+        raise self._full()
+
+    def _wait(self) -> None:
+        waiter = _Waiter() if self._max_wait > 0 else None
+        if self._queue(waiter):
+            return
+        assert waiter is not None and waiter.event is not None
+        waiter.event.wait(self._max_wait)
+        self._settle(waiter)
+
+    async def _await(self) -> None:
+        import asyncio  # only async callers pay for it
+
+        waiter: _Waiter | None = None
+        if self._max_wait > 0:
+            loop = asyncio.get_running_loop()
+            waiter = _Waiter(loop, loop.create_future())
+        if self._queue(waiter):
+            return
+        assert waiter is not None and waiter.future is not None
+        try:
+            await asyncio.wait_for(waiter.future, self._max_wait)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            with self._compartment.lock:
+                if self._compartment.give_up_locked(waiter):  # granted as the task was cancelled: pass it on
+                    self._compartment.release_locked()
+            raise
+        self._settle(waiter)
+
     def _full(self) -> LLMBulkheadFullError:
         compartment = self._compartment
         return LLMBulkheadFullError(
@@ -179,35 +253,9 @@ class _SlotBase:
             provider=self._provider,
         )
 
-
-class Slot(_SlotBase, AbstractContextManager[None]):
-    """One slot for a sync call, taken on ``__enter__``."""
-
     def __enter__(self) -> None:
-        compartment = self._compartment
-        with compartment.lock:  # the common case first: a free slot, and no waiter to build
-            if compartment.in_flight < self._limit and not compartment.waiters:
-                compartment.limit = self._limit
-                compartment.in_flight += 1
-                self._held = True
-                return
-            if compartment.take_or_wait_locked(self._limit, None):
-                self._held = True
-                return
-        waiter = _Waiter() if self._max_wait > 0 else None
-        with compartment.lock:
-            if compartment.take_or_wait_locked(self._limit, waiter):
-                self._held = True
-                return
-        if waiter is None:
-            raise self._full()
-        assert waiter.event is not None
-        waiter.event.wait(self._max_wait)
-        with compartment.lock:
-            if compartment.give_up_locked(waiter):
-                self._held = True
-                return
-        raise self._full()
+        if not self.try_take():
+            self._wait()
 
     def __exit__(
         self,
@@ -217,39 +265,9 @@ class Slot(_SlotBase, AbstractContextManager[None]):
     ) -> None:
         self.release()
 
-
-class AsyncSlot(_SlotBase, AbstractAsyncContextManager[None]):
-    """One slot for an async call, taken on ``__aenter__`` without blocking the event loop."""
-
     async def __aenter__(self) -> None:
-        import asyncio  # only async callers pay for it
-
-        compartment = self._compartment
-        waiter: _Waiter | None = None
-        if self._max_wait > 0:
-            loop = asyncio.get_running_loop()
-            waiter = _Waiter(loop, loop.create_future())
-        with compartment.lock:
-            if compartment.take_or_wait_locked(self._limit, waiter):
-                self._held = True
-                return
-        if waiter is None:
-            raise self._full()
-        assert waiter.future is not None
-        try:
-            await asyncio.wait_for(waiter.future, self._max_wait)
-        except TimeoutError:
-            pass
-        except asyncio.CancelledError:
-            with compartment.lock:
-                if compartment.give_up_locked(waiter):  # granted as the task was cancelled: pass it on
-                    compartment.release_locked()
-            raise
-        with compartment.lock:
-            if compartment.give_up_locked(waiter):
-                self._held = True
-                return
-        raise self._full()
+        if not self.try_take():
+            await self._await()
 
     async def __aexit__(
         self,
@@ -258,6 +276,10 @@ class AsyncSlot(_SlotBase, AbstractAsyncContextManager[None]):
         traceback: TracebackType | None,
     ) -> None:
         self.release()
+
+
+#: ``async with bulkheads.aslot(...)`` and ``with bulkheads.slot(...)`` hand out the same kind of slot.
+AsyncSlot = Slot
 
 
 _live_bulkheads: weakref.WeakSet[Bulkheads] = weakref.WeakSet()

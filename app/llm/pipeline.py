@@ -1,0 +1,223 @@
+"""One logical call, written once: hooks around the fallback chain around the policy.
+
+Each public method of :class:`~app.llm.client.LLM` builds an
+:class:`~app.llm.hooks.LLMCall` and runs one of the flows below with
+:func:`~app.llm.resilience.steps.run_sync` or
+:func:`~app.llm.resilience.steps.run_async`. Nothing here waits or does
+I/O itself; the sync and async drivers make the same decisions.
+
+Order: ``before_call`` hooks (which may answer or refuse the call) -> each
+model of the fallback chain, through :class:`~app.llm.resilience.executor.Guards`
+-> ``after_call`` or ``on_error`` hooks. A stream's end, break or early close
+is handled by :class:`~app.llm.streaming.StreamRelay`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from app.llm.errors import LLMError
+from app.llm.hooks import EmbedResponse, HookChain, LLMCall
+from app.llm.providers.base import ChatRequest, EmbedRequest, Provider, StreamEvent
+from app.llm.resilience.executor import Attempt, Guards
+from app.llm.resilience.steps import Flow, Step
+from app.llm.streaming import OpenStream, StreamRelay, response_events
+from app.llm.structured import parse_structured
+from app.llm.types import ChatResponse
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+#: Builds the request for one model of the chain (validating it), or raises LLMError.
+Build = Callable[[str], tuple[Provider, Any]]
+#: The flow of one model's call under the policy, given its provider and request.
+Attempt_ = Callable[[Provider, Any, Callable[[BaseException], LLMError]], Flow[Any]]
+#: Maps an exception a provider raised to its typed error.
+TypedFor = Callable[[Provider, Any], Callable[[BaseException], LLMError]]
+
+
+class Pipeline:
+    """The flows of one app's calls: its hooks, its guards, its error mapping."""
+
+    def __init__(self, hooks: HookChain, guards: Callable[[], Guards], typed_for: TypedFor) -> None:
+        self.hooks = hooks
+        self._guards = guards
+        self._typed_for = typed_for
+
+    # --- the three kinds of call ---------------------------------------------------
+
+    def chat(self, call: LLMCall, chain: Sequence[str], build: Build) -> Flow[ChatResponse]:
+        def attempt(provider: Provider, request: ChatRequest, typed: Callable[..., LLMError]) -> Flow[Any]:
+            return self._guards().call_flow(
+                request,
+                lambda r: Step(lambda: provider.chat(r), lambda: provider.achat(r)),
+                typed,
+                call.attempts,
+                usage=response_tokens,
+            )
+
+        return self._answer(call, chain, build, attempt, _finish_chat)
+
+    def embed(self, call: LLMCall, build: Build) -> Flow[EmbedResponse]:
+        def attempt(provider: Provider, request: EmbedRequest, typed: Callable[..., LLMError]) -> Flow[Any]:
+            return self._guards().call_flow(
+                request,
+                lambda r: Step(lambda: provider.embed(r), lambda: provider.aembed(r)),
+                typed,
+                call.attempts,
+                usage=lambda _vectors: None,
+                tokens=lambda: sum(len(text) for text in request.inputs) // 4 + 1,
+            )
+
+        def finish(call: LLMCall, vectors: Any) -> EmbedResponse:
+            if isinstance(vectors, EmbedResponse):  # a hook's answer
+                return vectors
+            return EmbedResponse(vectors, call.provider, call.model)
+
+        return self._answer(call, [f"{call.provider}/{call.model}"], build, attempt, finish)
+
+    def open_stream(self, call: LLMCall, chain: Sequence[str], build: Build) -> Flow[StreamRelay]:
+        """Open a stream (retries and fallbacks happen here, before any text reaches the caller)."""
+        try:
+            preset = yield from self.hooks.before(call)
+            if isinstance(preset, ChatResponse):
+                opened = OpenStream(None, response_events(preset), None, preset)
+                typed = self._typed_for(*build(chain[0]))
+            else:
+                provider, request, (events, first, admission) = yield from self._chain(
+                    call, chain, build, self._open_attempt(call)
+                )
+                call.first_delta_at = time.perf_counter()
+                opened = OpenStream(events, [first] if first is not None else [], admission)
+                typed = self._typed_for(provider, request)
+        except LLMError as error:
+            yield from self.hooks.error(call, error)
+            raise
+        return StreamRelay(call, self.hooks, opened, typed, _close_step)
+
+    # --- shared ----------------------------------------------------------------------
+
+    def _open_attempt(self, call: LLMCall) -> Attempt_:
+        def attempt(provider: Provider, request: ChatRequest, typed: Callable[..., LLMError]) -> Flow[Any]:
+            return self._guards().open_flow(
+                request,
+                lambda r: Step(lambda: _open(provider, r), lambda: _aopen(provider, r)),
+                typed,
+                call.attempts,
+            )
+
+        return attempt
+
+    def _answer(
+        self,
+        call: LLMCall,
+        chain: Sequence[str],
+        build: Build,
+        attempt: Attempt_,
+        finish: Callable[[LLMCall, Any], Any],
+    ) -> Flow[Any]:
+        """Hooks around the chain, for a call that answers at once."""
+        try:
+            answer = yield from self.hooks.before(call)
+            if answer is None:
+                _provider, _request, answer = yield from self._chain(call, chain, build, attempt)
+            answer = finish(call, answer)
+        except LLMError as error:
+            yield from self.hooks.error(call, error)
+            raise
+        yield from self.hooks.after(call, answer)
+        return answer
+
+    def _chain(
+        self, call: LLMCall, chain: Sequence[str], build: Build, attempt: Attempt_
+    ) -> Flow[tuple[Provider, Any, Any]]:
+        """Each model of the fallback chain in turn, until one answers (each at most once).
+
+        The primary's own invalid request is the caller's error and is raised; a
+        fallback that cannot be used (unknown or unconfigured provider) is
+        skipped and shown in ``attempts``, and when it was the last hope, the
+        previous model's error is raised.
+        """
+        last_error: LLMError | None = None
+        for index, address in enumerate(chain):
+            try:
+                provider, request = build(address)
+            except LLMError as unusable:
+                if index == 0 or last_error is None:
+                    raise
+                call.attempts.append(Attempt(address, type(unusable).__name__, 0.0))
+                if index + 1 == len(chain):
+                    raise last_error from None
+                continue
+            call.provider, call.model, call.request = request.provider, request.model, request
+            try:
+                result = yield from attempt(provider, request, self._typed_for(provider, request))
+            except LLMError as error:
+                error.attempts = call.attempts  # type: ignore[attr-defined]
+                if index + 1 < len(chain) and Guards.falls_back(error):
+                    last_error = error
+                    continue
+                raise
+            return provider, request, result
+        raise AssertionError("unreachable: the chain is never empty")
+
+
+def _finish_chat(call: LLMCall, response: ChatResponse) -> ChatResponse:
+    response.latency_ms = call.latency_ms
+    response.attempts = call.attempts
+    request = call.request
+    assert isinstance(request, ChatRequest)
+    if request.response_format is not None and not response.tool_calls and response.parsed is None:
+        response.parsed = parse_structured(request.response_format, response.content, **request.context())
+    return response
+
+
+def response_tokens(response: ChatResponse) -> int | None:
+    """The tokens a finished answer used, for the rate limits' correction."""
+    if response.total_tokens is not None:
+        return response.total_tokens
+    if response.input_tokens is not None and response.output_tokens is not None:
+        return response.input_tokens + response.output_tokens
+    return None
+
+
+def _open(provider: Provider, request: ChatRequest) -> tuple[Iterator[StreamEvent], StreamEvent | None]:
+    """Open a sync stream and read its first event (closing it if that fails)."""
+    events = provider.stream(request)
+    try:
+        return events, next(events, None)
+    except BaseException:
+        _close(events)
+        raise
+
+
+async def _aopen(
+    provider: Provider, request: ChatRequest
+) -> tuple[AsyncIterator[StreamEvent], StreamEvent | None]:
+    events = provider.astream(request)
+    try:
+        return events, await anext(events, None)
+    except BaseException:
+        await _aclose(events)
+        raise
+
+
+def _close(events: Any) -> None:
+    close = getattr(events, "close", None)
+    if close is not None:
+        close()
+
+
+async def _aclose(events: Any) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _close_step(events: Any) -> Step:
+    return Step(lambda: _close(events), lambda: _aclose(events))
+
+
+__all__ = ["Pipeline", "response_tokens"]
