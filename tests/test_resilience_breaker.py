@@ -2,7 +2,9 @@
 instances and processes, expiry, and the local fallback while Redis is down.
 
 Time is an injected clock wherever the breaker's own timing matters; Redis
-key expiry and the Redis retry interval are real time.
+key expiry and the gate's probe interval are real time. The state machine
+alone is tested in test_breaker_state.py, the Lua scripts alone in
+test_breaker_store.py, the Redis gate in test_redis_gate.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import pytest
 import redis
 
+from app.connectors.redis_gate import RedisGate
 from app.llm.errors import LLMCircuitOpenError, LLMError
 from app.llm.resilience.breaker import BreakerState, CircuitBreakers
 from app.llm.resilience.settings import BreakerPolicy
@@ -29,7 +32,8 @@ from app.services.redis_service import get_redis_client
 
 KEY = "openai/gpt-4o"
 POLICY = BreakerPolicy(window=10, min_calls=4, failure_rate=0.5, cooldown=5, half_open_calls=3)
-LOGGER = "app.llm.resilience.breaker"
+#: Where "Redis is unavailable" and the like are logged: the gate shared by every Redis user.
+LOGGER = "app.connectors.redis_gate"
 
 
 class Clock:
@@ -524,7 +528,7 @@ def down_client(disposable_redis) -> Iterator[redis.Redis]:
 
 def test_redis_stopped_falls_back_to_local_and_still_opens(disposable_redis, down_client, namespace, caplog):
     clock = Clock()
-    breakers = CircuitBreakers(lambda: down_client, namespace, clock, retry_interval=60)
+    breakers = CircuitBreakers(RedisGate(lambda: down_client, probe_interval=60), namespace, clock)
     succeed(breakers, 2)
     assert breakers.state(KEY, POLICY).backend == "redis"
     disposable_redis.stop()
@@ -547,7 +551,8 @@ def test_redis_stopped_falls_back_to_local_and_still_opens(disposable_redis, dow
     warnings = [r for r in caplog.records if "Redis is unavailable" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert warnings[0].exc_info is None
-    assert "local to this process" in warnings[0].getMessage()
+    assert "seen by circuit breakers" in warnings[0].getMessage()
+    assert "circuit breakers keep their state in this process" in warnings[0].getMessage()
     # One failed command (one retry, each connect retried once) for ~600 breaker calls.
     assert attempts(down_client) - before <= 4
 
@@ -568,8 +573,8 @@ def test_an_open_breaker_stays_open_when_redis_dies(disposable_redis, namespace)
     assert worker_b.state(KEY, POLICY).backend == "local"
 
 
-def test_a_dead_redis_costs_one_attempt_per_retry_interval(disposable_redis, down_client, namespace):
-    breakers = CircuitBreakers(lambda: down_client, namespace, Clock(), retry_interval=0.2)
+def test_a_dead_redis_costs_one_attempt_per_probe_interval(disposable_redis, down_client, namespace):
+    breakers = CircuitBreakers(RedisGate(lambda: down_client, probe_interval=0.2), namespace, Clock())
     disposable_redis.stop()
     before = attempts(down_client)
     started = time.monotonic()
@@ -596,7 +601,7 @@ def test_a_hung_redis_stalls_no_call_after_the_first(black_hole, namespace):
     client = counting_client(f"redis://127.0.0.1:{black_hole}/0", timeout=0.2)
     # The real clock: a closed breaker is trusted for sync_interval, so only time passing
     # brings the calls back to Redis (and to the probes).
-    breakers = CircuitBreakers(lambda: client, namespace, retry_interval=0.1)
+    breakers = CircuitBreakers(RedisGate(lambda: client, probe_interval=0.1), namespace)
     started = time.monotonic()
     breakers.before_call(KEY, POLICY)  # in flight when Redis hung: it pays the client's timeout
     assert time.monotonic() - started >= 0.2
@@ -651,7 +656,7 @@ def test_redis_back_shares_state_again_within_a_second(disposable_redis, down_cl
 def test_a_forked_child_gets_fresh_locks(namespace):
     breakers = CircuitBreakers(lambda: None, namespace, Clock())
     fail(breakers, 1)
-    held = breakers._local.lock
+    held = breakers._local_lock
     held.acquire()  # as if another thread were inside the breaker at fork time
     try:
         pid = os.fork()

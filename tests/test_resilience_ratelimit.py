@@ -2,7 +2,8 @@
 
 Every limiter gets a namespace of its own, so tests sharing the session's
 redis-server never see each other's windows. Short windows (1-2 s) stand in
-for the 60 s default where a test waits one out.
+for the 60 s default where a test waits one out. Limiters get a Redis client
+built as the app's connector builds it (1 s timeouts, one retry), as in the app.
 """
 
 from __future__ import annotations
@@ -19,26 +20,37 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
 import redis
 
+from app.connectors.redis_connector import RedisSettings, build_redis_client
 from app.llm.errors import LLMRateLimitError
 from app.llm.providers.base import ChatRequest
 from app.llm.resilience.ratelimit import DEFAULT_ANSWER_TOKENS, RateLimiter, Reservation, estimate_tokens
 from app.llm.resilience.settings import LimitPolicy
+from app.llm.resilience.steps import Flow, Step, run_sync
 from app.llm.tools import normalise_tools
 from app.llm.types import normalise_messages
+from app.redaction import Secret
 from tests.conftest import ROOT
-from tests.servers import RedisServer
+from tests.servers import RedisServer, start_redis
 
 KEY = "openai/gpt-test"
-LOGGER = "app.llm.resilience.ratelimit"
+#: Where "Redis is unavailable" and the like are logged: the gate shared by every Redis user.
+LOGGER = "app.connectors.redis_gate"
 
 
 def namespace() -> str:
     return f"test:{uuid.uuid4().hex[:12]}"
+
+
+def app_client(url: str) -> Callable[[], redis.Redis]:
+    """The app's Redis client, as the connector builds it (1 s timeouts, one retry), for a gate."""
+    client = build_redis_client(RedisSettings(Secret(url), 1.0, 1.0, 1, 30))
+    return lambda: client
 
 
 def rpm_entries(url: str, limiter: RateLimiter) -> int:
@@ -121,7 +133,7 @@ def test_without_redis_each_limiter_counts_in_memory() -> None:
 
 
 def test_rpm_across_eight_threads_admits_exactly_n(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace())
+    limiter = RateLimiter(app_client(redis_server.url), namespace())
     policy = LimitPolicy(rpm=5)
     admitted: list[Reservation | None] = []
     refused: list[LLMRateLimitError] = []
@@ -152,13 +164,22 @@ def test_rpm_across_eight_threads_admits_exactly_n(redis_server: RedisServer) ->
 
 
 TWO_PROCESSES = r"""
-import sys, threading, time
+import logging, sys, threading, time
+from app.connectors.redis_connector import RedisSettings, build_redis_client
 from app.llm.errors import LLMRateLimitError
 from app.llm.resilience.ratelimit import RateLimiter
 from app.llm.resilience.settings import LimitPolicy
+from app.redaction import Secret
 
+class Count(logging.Handler):
+    records = 0
+    def emit(self, record):
+        Count.records += 1
+
+logging.getLogger("app.connectors.redis_gate").addHandler(Count())
 url, ns, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
-limiter = RateLimiter(lambda: url, ns)
+client = build_redis_client(RedisSettings(Secret(url), 1.0, 1.0, 1, 30))
+limiter = RateLimiter(lambda: client, ns)
 policy = LimitPolicy(rpm=5)
 admitted, refused = [], []
 
@@ -177,7 +198,7 @@ for t in threads:
     t.start()
 for t in threads:
     t.join()
-print(len(admitted), len(refused), int(limiter._degraded))
+print(len(admitted), len(refused), Count.records)
 """
 
 
@@ -198,12 +219,12 @@ def test_rpm_across_two_processes_sharing_redis_admits_at_most_n(redis_server: R
     for process in processes:
         out, err = process.communicate(timeout=60)
         assert process.returncode == 0, err
-        admitted, refused, degraded = map(int, out.split())
-        assert degraded == 0  # they used Redis throughout
+        admitted, refused, gate_lines = map(int, out.split())
+        assert gate_lines == 0  # Redis never failed: they used it throughout
         results.append((admitted, refused))
     assert sum(admitted for admitted, _ in results) == 5
     assert sum(admitted + refused for admitted, refused in results) == 40
-    limiter = RateLimiter(lambda: redis_server.url, ns)
+    limiter = RateLimiter(app_client(redis_server.url), ns)
     assert rpm_entries(redis_server.url, limiter) == 5
     with pytest.raises(LLMRateLimitError):  # this process sees the same full window
         limiter.acquire(KEY, LimitPolicy(rpm=5), 1, 0)
@@ -213,7 +234,7 @@ def test_rpm_across_two_processes_sharing_redis_admits_at_most_n(redis_server: R
 
 
 def test_tpm_counts_the_cost_of_each_request(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace())
+    limiter = RateLimiter(app_client(redis_server.url), namespace())
     policy = LimitPolicy(tpm=100)
     for _ in range(3):
         reservation = limiter.acquire(KEY, policy, 30, 0)
@@ -227,7 +248,7 @@ def test_tpm_counts_the_cost_of_each_request(redis_server: RedisServer) -> None:
 
 
 def test_a_tpm_refusal_does_not_spend_a_request(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace())
+    limiter = RateLimiter(app_client(redis_server.url), namespace())
     policy = LimitPolicy(rpm=10, tpm=100)
     assert limiter.acquire(KEY, policy, 60, 0) is not None
     for _ in range(5):
@@ -239,7 +260,7 @@ def test_a_tpm_refusal_does_not_spend_a_request(redis_server: RedisServer) -> No
 
 
 def test_a_request_larger_than_the_tpm_limit_is_charged_the_limit(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace())
+    limiter = RateLimiter(app_client(redis_server.url), namespace())
     reservation = limiter.acquire(KEY, LimitPolicy(tpm=100), 500, 0)
     assert reservation is not None and reservation.tokens == 100
     with pytest.raises(LLMRateLimitError):
@@ -247,7 +268,7 @@ def test_a_request_larger_than_the_tpm_limit_is_charged_the_limit(redis_server: 
 
 
 def test_settle_takes_the_tokens_above_the_estimate(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace())
+    limiter = RateLimiter(app_client(redis_server.url), namespace())
     policy = LimitPolicy(tpm=100)
     reservation = limiter.acquire(KEY, policy, 20, 0)
     limiter.settle(reservation, 90)  # 70 more than estimated
@@ -260,7 +281,7 @@ def test_settle_takes_the_tokens_above_the_estimate(redis_server: RedisServer) -
 
 
 def test_asettle_takes_the_tokens_above_the_estimate(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace())
+    limiter = RateLimiter(app_client(redis_server.url), namespace())
     policy = LimitPolicy(tpm=100)
 
     async def main() -> None:
@@ -276,7 +297,7 @@ def test_asettle_takes_the_tokens_above_the_estimate(redis_server: RedisServer) 
 
 
 def test_settle_keeps_an_over_estimate(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace())
+    limiter = RateLimiter(app_client(redis_server.url), namespace())
     policy = LimitPolicy(tpm=100)
     reservation = limiter.acquire(KEY, policy, 20, 0)
     limiter.settle(reservation, 5)  # no refund: conservative
@@ -290,7 +311,7 @@ def test_settle_keeps_an_over_estimate(redis_server: RedisServer) -> None:
 
 
 def test_a_call_waits_for_the_window_then_succeeds(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace(), window=1)
+    limiter = RateLimiter(app_client(redis_server.url), namespace(), window=1)
     policy = LimitPolicy(rpm=2)
     limiter.acquire(KEY, policy, 1, 0)
     limiter.acquire(KEY, policy, 1, 0)
@@ -303,7 +324,7 @@ def test_a_call_waits_for_the_window_then_succeeds(redis_server: RedisServer) ->
 
 
 def test_a_wait_longer_than_max_wait_fails_at_once_with_retry_after(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace(), window=2)
+    limiter = RateLimiter(app_client(redis_server.url), namespace(), window=2)
     policy = LimitPolicy(rpm=1)
     limiter.acquire(KEY, policy, 1, 0)
     started = time.monotonic()
@@ -315,7 +336,7 @@ def test_a_wait_longer_than_max_wait_fails_at_once_with_retry_after(redis_server
 
 
 def test_a_call_waits_for_tokens_to_free(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace(), window=1)
+    limiter = RateLimiter(app_client(redis_server.url), namespace(), window=1)
     policy = LimitPolicy(tpm=100)
     limiter.acquire(KEY, policy, 100, 0)
     with pytest.raises(LLMRateLimitError) as caught:
@@ -329,7 +350,7 @@ def test_a_call_waits_for_tokens_to_free(redis_server: RedisServer) -> None:
 
 
 def test_many_waiting_threads_never_exceed_the_limit(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace(), window=1)
+    limiter = RateLimiter(app_client(redis_server.url), namespace(), window=1)
     policy = LimitPolicy(rpm=3)
     admitted_at: list[float] = []
     refused: list[LLMRateLimitError] = []
@@ -363,7 +384,7 @@ def test_redis_stopped_falls_back_to_memory_with_one_warning_then_recovers(
     disposable_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = disposable_redis.url
-    limiter = RateLimiter(lambda: url, namespace())
+    limiter = RateLimiter(app_client(url), namespace())
     policy = LimitPolicy(rpm=10_000, tpm=10_000_000)
     limiter.settle(limiter.acquire(KEY, policy, 10, 0), 20)
     assert rpm_entries(url, limiter) == 1
@@ -383,7 +404,8 @@ def test_redis_stopped_falls_back_to_memory_with_one_warning_then_recovers(
     assert slowest < 0.4
     warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert "Redis failed" in warnings[0].getMessage()
+    assert "Redis is unavailable" in warnings[0].getMessage()
+    assert "seen by rate limits" in warnings[0].getMessage()
 
     disposable_redis.start()
     back = time.monotonic()
@@ -399,7 +421,7 @@ def test_redis_down_from_the_start_uses_memory(caplog: pytest.LogCaptureFixture)
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    limiter = RateLimiter(lambda: f"redis://127.0.0.1:{port}/0", namespace())
+    limiter = RateLimiter(app_client(f"redis://127.0.0.1:{port}/0"), namespace())
     caplog.set_level(logging.WARNING, logger=LOGGER)
     policy = LimitPolicy(rpm=2)
     assert limiter.acquire(KEY, policy, 1, 0) is not None
@@ -414,7 +436,7 @@ def test_a_redis_that_never_answers_costs_one_socket_timeout_per_retry() -> None
         black_hole.bind(("127.0.0.1", 0))
         black_hole.listen(16)
         url = f"redis://127.0.0.1:{black_hole.getsockname()[1]}/0"
-        limiter = RateLimiter(lambda: url, namespace(), socket_timeout=0.2)
+        limiter = RateLimiter(app_client(url), namespace(), socket_timeout=0.2)
         policy = LimitPolicy(rpm=100)
         started = time.monotonic()
         assert limiter.acquire(KEY, policy, 1, 0) is not None
@@ -431,7 +453,7 @@ def test_a_redis_that_never_answers_costs_one_socket_timeout_per_retry() -> None
 
 
 def test_aacquire_waits_without_blocking_the_event_loop(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace(), window=1)
+    limiter = RateLimiter(app_client(redis_server.url), namespace(), window=1)
     policy = LimitPolicy(rpm=1)
     limiter.acquire(KEY, policy, 1, 0)
 
@@ -473,7 +495,7 @@ def test_aacquire_waits_without_blocking_the_event_loop(redis_server: RedisServe
 
 def test_a_forked_child_has_its_own_redis_connections_memory_and_locks(redis_server: RedisServer) -> None:
     url = redis_server.url
-    shared = RateLimiter(lambda: url, namespace())
+    shared = RateLimiter(app_client(url), namespace())
     policy = LimitPolicy(rpm=3)
     shared.acquire(KEY, policy, 1, 0)  # the parent's Redis client is built and connected
     assert shared._redis is not None
@@ -524,8 +546,106 @@ def test_importing_the_module_imports_neither_limits_nor_redis() -> None:
 
 
 def test_keys_in_redis_are_namespaced(redis_server: RedisServer) -> None:
-    limiter = RateLimiter(lambda: redis_server.url, namespace())
+    limiter = RateLimiter(app_client(redis_server.url), namespace())
     limiter.acquire(KEY, LimitPolicy(rpm=5, tpm=1000), 10, 0)
     keys = redis_keys(redis_server.url, limiter)
     assert any(f"{limiter.namespace}:rpm/{KEY}/" in k for k in keys)
     assert any(f"{limiter.namespace}:tpm/{KEY}/" in k for k in keys)
+
+
+# --- one loop, two drivers ---------------------------------------------------------
+
+
+def test_acquire_flow_yields_a_check_then_a_sleep_of_the_wait_then_a_check(redis_server: RedisServer) -> None:
+    limiter = RateLimiter(app_client(redis_server.url), namespace(), window=1)
+    policy = LimitPolicy(rpm=1)
+    limiter.acquire(KEY, policy, 1, 0)  # the window is full for about a second
+    took: list[float] = []
+
+    def timed(flow: Flow[Reservation | None]) -> Flow[Reservation | None]:
+        """Runs each step of ``flow`` itself and records how long it took (a driver of its own)."""
+        step = next(flow)
+        while True:
+            started = time.monotonic()
+            result = step.sync()
+            took.append(time.monotonic() - started)
+            try:
+                step = flow.send(result)
+            except StopIteration as stop:
+                return stop.value
+            yield Step(lambda: None, lambda: asyncio.sleep(0))  # nothing left to do for the outer driver
+
+    reservation = run_sync(timed(limiter.acquire_flow(KEY, policy, 1, 2.0)))
+    assert reservation is not None
+    assert len(took) == 3, took  # check (refused), sleep, check (admitted)
+    assert took[0] < 0.1 and took[2] < 0.1
+    assert 0.5 < took[1] < 1.2
+    assert reservation.waited == pytest.approx(sum(took), abs=0.05)
+
+
+def test_acquire_flow_without_limits_yields_nothing() -> None:
+    flow = RateLimiter(lambda: None, namespace()).acquire_flow(KEY, LimitPolicy(), 10, 0)
+    with pytest.raises(StopIteration) as stop:
+        next(flow)
+    assert stop.value.value is None
+
+
+def test_a_call_pipeline_can_run_acquire_flow_inside_its_own_flow(redis_server: RedisServer) -> None:
+    limiter = RateLimiter(app_client(redis_server.url), namespace())
+    policy = LimitPolicy(rpm=1)
+
+    def pipeline() -> Flow[str]:
+        reservation = yield from limiter.acquire_flow(KEY, policy, 1, 0)
+        assert reservation is not None
+        try:
+            yield from limiter.acquire_flow(KEY, policy, 1, 0)
+        except LLMRateLimitError:
+            return "refused the second"
+        return "admitted both"
+
+    assert run_sync(pipeline()) == "refused the second"
+    assert rpm_entries(redis_server.url, limiter) == 1
+
+
+# --- the app's client ------------------------------------------------------------------
+
+
+def test_the_limiter_talks_to_the_app_clients_server_with_fail_fast_connections() -> None:
+    secured = start_redis(password="s3cret-limits")
+    try:
+        url = secured.url.replace("/0", "/3")  # a password and a database only the app's client knows
+        limiter = RateLimiter(app_client(url), namespace(), socket_timeout=0.25)
+        assert limiter.acquire(KEY, LimitPolicy(rpm=1), 1, 0) is not None
+        with pytest.raises(LLMRateLimitError):
+            limiter.acquire(KEY, LimitPolicy(rpm=1), 1, 0)  # counted in Redis database 3
+        assert rpm_entries(url, limiter) == 1
+        assert rpm_entries(secured.url, limiter) == 0
+        assert limiter._redis is not None
+        pool = limiter._redis.storage.get_connection().connection_pool  # type: ignore[union-attr]
+        assert pool is not limiter._redis.source.connection_pool  # type: ignore[union-attr]
+        connection = pool.get_connection()
+        try:
+            assert (connection.socket_timeout, connection.socket_connect_timeout) == (0.25, 0.25)
+            assert connection.retry.get_retries() == 0
+            assert (connection.db, connection.password) == (3, "s3cret-limits")
+        finally:
+            pool.release(connection)
+    finally:
+        secured.stop()
+
+
+def test_a_new_app_client_gets_a_new_pool_and_the_old_one_is_closed(redis_server: RedisServer) -> None:
+    clients = [build_redis_client(RedisSettings(Secret(redis_server.url), 1.0, 1.0, 1, 30)) for _ in range(2)]
+    current = [clients[0]]
+    limiter = RateLimiter(lambda: current[0], namespace())
+    limiter.acquire(KEY, LimitPolicy(rpm=5), 1, 0)
+    assert limiter._redis is not None
+    first = limiter._redis.storage.get_connection().connection_pool  # type: ignore[union-attr]
+    (connection,) = first._available_connections
+    assert connection._sock is not None  # connected
+    current[0] = clients[1]  # as after reset_redis_client(): the connector built a new client
+    limiter.acquire(KEY, LimitPolicy(rpm=5), 1, 0)
+    second = limiter._redis.storage.get_connection().connection_pool  # type: ignore[union-attr]
+    assert second is not first
+    assert connection._sock is None  # the old pool was disconnected
+    assert rpm_entries(redis_server.url, limiter) == 2  # one window, in the same Redis

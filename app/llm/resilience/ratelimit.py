@@ -27,13 +27,22 @@ supports a refund: an over-estimate is kept, which is conservative. A request
 estimated above the whole TPM limit is charged the limit (it waits for an
 empty window) rather than refused forever; the provider has the last word.
 
-Storage: Redis (``REDIS_URL``, short socket timeouts, no client retries) when
-configured, else a :class:`limits.storage.MemoryStorage` per process. When
-Redis fails, the process falls back to its memory storage (so the limit then
-holds per process, not across them), logs one warning per interval, and tries
-Redis again after ``retry_interval`` (1 s), so recovery is quick. A forked
-child forgets the parent's Redis client (held, never closed) and memory
-storage (its locks and timer thread) and builds its own.
+Storage: Redis when the app's :class:`~app.connectors.redis_gate.RedisGate`
+hands out a client, else a :class:`limits.storage.MemoryStorage` per process.
+The checks run on every call, so they use a pool of their own to the
+connector's server (:func:`~app.connectors.redis_gate.fail_fast_pool`:
+``socket_timeout`` 0.5 s, no retries inside redis-py), not the connector's
+client (1 s, one retry). When Redis fails, the process falls back to its
+memory storage (so the limit then holds per process, not across them) and
+tells the gate, which logs, probes Redis every second and opens again when it
+answers, for the breakers and the limits alike. A forked child forgets the
+parent's Redis pool (held, never closed) and memory storage (its locks and
+timer thread) and builds its own.
+
+:meth:`RateLimiter.acquire_flow` is the waiting loop, written once as a flow
+of :mod:`.steps`: :meth:`~RateLimiter.acquire` runs it in the calling
+thread, :meth:`~RateLimiter.aacquire` on the event loop, and the call
+pipeline runs it inside its own flow.
 
 Neither ``limits`` nor ``redis`` is imported until a limit is first checked.
 """
@@ -49,20 +58,27 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING
 
 from app.connectors._base import keep_inherited, on_fork_in_child
+from app.connectors.redis_gate import RedisGate, fail_fast_pool
 from app.llm.errors import LLMRateLimitError
+from app.llm.resilience.steps import Flow, blocking, run_async, run_sync, sleep
 
 if TYPE_CHECKING:
     from limits import RateLimitItem
     from limits.storage import MemoryStorage, RedisStorage
     from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+    from redis import Redis
 
     from app.llm.providers.base import ChatRequest
     from app.llm.resilience.settings import LimitPolicy
 
 logger = logging.getLogger(__name__)
+
+#: How the rate limits are named in the gate's log lines.
+USER = "rate limits"
 
 #: Tokens assumed for the answer when the request sets no ``max_tokens``.
 DEFAULT_ANSWER_TOKENS = 512
@@ -127,41 +143,43 @@ class _Backend:
     storage: RedisStorage | MemoryStorage
     moving: MovingWindowRateLimiter
     sliding: SlidingWindowCounterRateLimiter
-    url: str | None = None
+    #: The app's client this Redis storage was derived from (None: memory).
+    source: Redis | None = None
 
 
-def _backend(storage: RedisStorage | MemoryStorage, url: str | None = None) -> _Backend:
+def _backend(storage: RedisStorage | MemoryStorage, source: Redis | None = None) -> _Backend:
     from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-    return _Backend(storage, MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage), url)
+    return _Backend(
+        storage, MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage), source
+    )
 
 
 class RateLimiter:
-    """RPM and TPM limits per ``provider/model``, in Redis when configured, else in memory.
+    """RPM and TPM limits per ``provider/model``, in Redis when the gate allows, else in memory.
 
-    ``redis_url`` is called on each check (so a changed ``REDIS_URL`` takes
-    effect); it returns None when Redis is not configured. ``window`` (whole
-    seconds) is the length of both windows: 60 s, shorter only in tests.
+    ``redis``: the app's :class:`~app.connectors.redis_gate.RedisGate`, shared
+    with its other Redis users; or a callable returning a Redis client (or
+    None), which gets a gate of its own (a limiter used alone: tests,
+    scripts). ``window`` (whole seconds) is the length of both windows: 60 s,
+    shorter only in tests. ``socket_timeout`` bounds one check's wait on Redis.
     """
 
     def __init__(
         self,
-        redis_url: Callable[[], str | None],
+        redis: RedisGate | Callable[[], Redis | None],
         namespace: str = "llm:rate",
         *,
         window: int = 60,
         socket_timeout: float = 0.5,
-        retry_interval: float = 1.0,
-        warn_interval: float = 60.0,
     ) -> None:
         if window < 1 or int(window) != window:
             raise ValueError(f"window must be a whole number of seconds of 1 or more, got {window!r}")
-        self._redis_url = redis_url
+        self.gate = redis if isinstance(redis, RedisGate) else RedisGate(redis)
+        self.gate.join(USER)
         self.namespace = namespace
         self.window = int(window)
         self.socket_timeout = socket_timeout
-        self.retry_interval = retry_interval
-        self.warn_interval = warn_interval
         self._reset_state()
         _live_limiters.add(self)
 
@@ -170,11 +188,6 @@ class RateLimiter:
         self._key_locks: dict[str, threading.Lock] = {}
         self._redis: _Backend | None = None
         self._memory: _Backend | None = None
-        #: time.monotonic() before which Redis is not tried again.
-        self._redis_down_until = 0.0
-        self._last_warning = -math.inf
-        #: Whether the last Redis operation failed (so that recovery is logged once).
-        self._degraded = False
 
     # --- the public API -------------------------------------------------------
 
@@ -185,39 +198,31 @@ class RateLimiter:
         :class:`LLMRateLimitError` (``retry_after``: seconds until it would
         fit) as soon as the wait is known to exceed ``max_wait``.
         """
-        if not policy.rpm and not policy.tpm:
-            return None
-        cost = self._cost(policy, tokens)
-        started = time.monotonic()
-        deadline = started + max(0.0, max_wait)
-        while True:
-            wait = self._attempt(key, policy.rpm, policy.tpm, cost)
-            now = time.monotonic()
-            if wait <= 0:
-                return Reservation(key, cost, policy.rpm, policy.tpm, waited=now - started)
-            if wait > deadline - now:
-                raise self._error(key, policy, wait, max_wait)
-            time.sleep(self._sleep_for(wait, deadline - now))
+        return run_sync(self.acquire_flow(key, policy, tokens, max_wait))
 
     async def aacquire(
         self, key: str, policy: LimitPolicy, tokens: int, max_wait: float
     ) -> Reservation | None:
         """:meth:`acquire` for async callers: checks run in a worker thread, waits are ``asyncio.sleep``."""
+        return await run_async(self.acquire_flow(key, policy, tokens, max_wait))
+
+    def acquire_flow(
+        self, key: str, policy: LimitPolicy, tokens: int, max_wait: float
+    ) -> Flow[Reservation | None]:
+        """:meth:`acquire` as a flow: a blocking step per storage check, a sleep step per wait."""
         if not policy.rpm and not policy.tpm:
             return None
-        import asyncio  # only async callers with a limit pay for it
-
         cost = self._cost(policy, tokens)
         started = time.monotonic()
         deadline = started + max(0.0, max_wait)
         while True:
-            wait = await asyncio.to_thread(self._attempt, key, policy.rpm, policy.tpm, cost)
+            wait: float = yield blocking(partial(self._attempt, key, policy.rpm, policy.tpm, cost))
             now = time.monotonic()
             if wait <= 0:
                 return Reservation(key, cost, policy.rpm, policy.tpm, waited=now - started)
             if wait > deadline - now:
                 raise self._error(key, policy, wait, max_wait)
-            await asyncio.sleep(self._sleep_for(wait, deadline - now))
+            yield sleep(self._sleep_for(wait, deadline - now))
 
     def settle(self, reservation: Reservation | None, actual_tokens: int | None) -> None:
         """Correct the TPM window by the tokens the call really used.
@@ -236,10 +241,9 @@ class RateLimiter:
         if backend is not None:
             try:
                 self._force(backend, item, reservation.key, extra)
-                self._redis_ok()
                 return
             except Exception as exc:  # any storage failure: fall back, never fail the call
-                self._redis_failed(exc)
+                self.gate.failed(USER, exc)
         self._force(self._memory_backend(), item, reservation.key, extra)
 
     async def asettle(self, reservation: Reservation | None, actual_tokens: int | None) -> None:
@@ -253,8 +257,8 @@ class RateLimiter:
 
     @property
     def using_redis(self) -> bool:
-        """Whether the next check would go to Redis (configured, and not failed in the last second)."""
-        return bool(self._redis_url()) and time.monotonic() >= self._redis_down_until
+        """Whether the next check would go to Redis (configured, and not known to be down)."""
+        return self.gate.available
 
     # --- one check --------------------------------------------------------------
 
@@ -278,9 +282,8 @@ class RateLimiter:
                 try:
                     wait = self._check(backend, key, rpm_item, tpm_item, cost)
                 except Exception as exc:  # any storage failure: this process counts alone for now
-                    self._redis_failed(exc)
+                    self.gate.failed(USER, exc)
                 else:
-                    self._redis_ok()
                     return wait
             return self._check(self._memory_backend(), key, rpm_item, tpm_item, cost)
 
@@ -364,40 +367,31 @@ class RateLimiter:
         return lock
 
     def _redis_backend(self) -> _Backend | None:
-        """The Redis backend, or None when Redis is not configured or failed less than a second ago."""
-        url = self._redis_url()
-        if not url or time.monotonic() < self._redis_down_until:
+        """The Redis backend, or None when the gate says not to use Redis now."""
+        client = self.gate.client()
+        if client is None:
             return None
         backend = self._redis
-        if backend is not None and backend.url == url:
+        if backend is not None and backend.source is client:
             return backend
         with self._lock:
-            if self._redis is None or self._redis.url != url:
+            if self._redis is None or self._redis.source is not client:  # first use, or a new app client
                 if self._redis is not None:
                     _close_quietly(self._redis)
                 self._redis = None
                 try:
-                    self._redis = _backend(self._redis_storage(url), url)
-                except Exception as exc:  # a malformed URL is a failure like any other
-                    self._down_locked(exc)
+                    self._redis = _backend(self._redis_storage(client), client)
+                except Exception as exc:  # could not even be built: a failure like any other
+                    self.gate.failed(USER, exc)
                     return None
             return self._redis
 
-    def _redis_storage(self, url: str) -> RedisStorage:
+    def _redis_storage(self, client: Redis) -> RedisStorage:
+        """The library's storage on a fail-fast pool to the app client's server."""
         from limits.storage import RedisStorage
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
-        if url.startswith("unix://"):
-            url = "redis+unix://" + url[len("unix://") :]
-        options: dict[str, Any] = {
-            "socket_timeout": self.socket_timeout,
-            "socket_connect_timeout": self.socket_timeout,
-            # No retries inside redis-py: a failure falls back to memory at once.
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 30,
-        }
-        return RedisStorage(url, **options)
+        # The URI only tells the library to use redis-py; the pool says where and how.
+        return RedisStorage("redis://", connection_pool=fail_fast_pool(client, self.socket_timeout))
 
     def _memory_backend(self) -> _Backend:
         backend = self._memory
@@ -409,32 +403,6 @@ class RateLimiter:
 
                 self._memory = _backend(MemoryStorage())
             return self._memory
-
-    def _redis_failed(self, exc: BaseException) -> None:
-        with self._lock:
-            self._down_locked(exc)
-
-    def _down_locked(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        self._redis_down_until = now + self.retry_interval
-        self._degraded = True
-        if now - self._last_warning >= self.warn_interval:
-            self._last_warning = now
-            logger.warning(
-                "rate limits: Redis failed (%s: %s); each process now counts its own calls in memory,"
-                " retrying Redis every %.1f s (this warning repeats at most every %.0f s)",
-                type(exc).__name__,
-                exc,
-                self.retry_interval,
-                self.warn_interval,
-            )
-
-    def _redis_ok(self) -> None:
-        if self._degraded:
-            with self._lock:
-                if self._degraded:
-                    self._degraded = False
-                    logger.info("rate limits: Redis answers again; limits are shared across processes")
 
     def _forget_after_fork(self) -> None:
         # The parent's Redis connections and the memory storage's locks and timer stay the parent's.
@@ -449,7 +417,7 @@ def _close_quietly(backend: _Backend) -> None:
     get_connection = getattr(backend.storage, "get_connection", None)
     try:
         if get_connection is not None:
-            get_connection().close()
+            get_connection().connection_pool.disconnect()
     except Exception:  # closing is best effort
         logger.debug("closing a rate-limit Redis client failed", exc_info=True)
 
