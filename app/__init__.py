@@ -1,14 +1,18 @@
 """The application factory.
 
 ``create_app(config)`` loads settings (see :mod:`app.config`), registers the
-four services (none of which builds a client or imports its SDK here), the
-health probes, the ``/api`` views and the ``flask services`` commands.
+four services (none of which builds a client or imports its SDK here; the
+database's engine objects are created, without a connection), the health
+probes, the ``/api`` views and the ``flask services`` commands, then the
+user's models (:mod:`app.models`), blueprints (:mod:`app.views`) and commands
+(:mod:`app.commands`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +53,21 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     llm.init_app(app)
 
-    from app import api, probes
+    from app import api, commands, probes, views
     from app.cli import LazyMigrateGroup, services_cli
     from app.llm.cli import llm_cli
 
     app.register_blueprint(probes.bp)
     app.register_blueprint(api.bp)
+    for blueprint in views.blueprints:
+        app.register_blueprint(blueprint)
     app.cli.add_command(services_cli)
     app.cli.add_command(llm_cli)
     app.cli.add_command(LazyMigrateGroup("db", migrations_dir=PROJECT_ROOT / "migrations"))
+    for command in commands.cli.commands.values():
+        app.cli.add_command(command)
+    # Importing the user's models defines them on db's metadata, where `flask db migrate` looks.
+    import_module("app.models")
     app.register_error_handler(HTTPException, _http_error_as_json)
     app.register_error_handler(Exception, _unexpected_error_as_json)
     return app

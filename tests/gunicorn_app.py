@@ -34,15 +34,16 @@ from app.services import db_service
 from app.services.openai_service import get_openai_client
 from app.services.redis_service import get_redis_client
 
-SDKS = ("openai", "redis", "sqlalchemy", "psycopg", "httpx", "httpx2", "google.genai")
+#: Loaded on first use. SQLAlchemy (and psycopg, for its engine) load with the app, by design.
+SDKS = ("openai", "redis", "httpx", "httpx2", "google.genai")
 
 #: The process that imported this module: the gunicorn master under --preload.
 MASTER_PID = os.getpid()
 app = create_app()
-#: What the master holds once the app is built: no SDK, no database instance.
+#: What the master holds once the app is built: no SDK, no pooled database connection.
 MASTER_STATE = {
     "sdks_loaded": sorted(m for m in SDKS if m in sys.modules),
-    "db_created": db_service._db is not None,
+    "db_connections": app.extensions["db_service"].holds_connections,
 }
 
 #: Per process, what it held before its first use of a service.
@@ -66,7 +67,6 @@ def _service_state() -> dict[str, Any]:
     return {
         "sdks_loaded": sorted(m for m in SDKS if m in sys.modules),
         "inherited_clients": _inherited_clients(),
-        "db_created": db_service._db is not None,
         "clients_built": {
             key: {name: entry.get("client_built") for name, entry in ext.info().items()}
             for key, ext in app.extensions.items()

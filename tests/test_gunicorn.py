@@ -205,12 +205,11 @@ def test_preload_two_workers_each_build_their_own_clients_and_close_them_on_exit
             assert first["content"] == "from upstream"
             # --preload: the module (and the app) was imported once, in the master ...
             assert {a["master_pid"] for a in seen} == {a["ppid"] for a in seen} == {master}
-            # ... which imported no SDK, created no database instance ...
-            assert first["master_state"] == {"sdks_loaded": [], "db_created": False}
+            # ... which imported no SDK, opened no database connection ...
+            assert first["master_state"] == {"sdks_loaded": [], "db_connections": False}
             # ... and handed no client down: the worker built each one on first use.
             assert first["first_use"]["inherited_clients"] == []
             assert first["first_use"]["sdks_loaded"] == []
-            assert first["first_use"]["db_created"] is False
             built = first["first_use"]["clients_built"]
             assert built["openai_service"]["default"] is False
             assert built["redis_service"]["redis"] is False

@@ -58,7 +58,7 @@ from app.services.genai_service import get_genai_client
 from app.services.openai_service import get_openai_client
 from app.services.redis_service import get_redis_client
 
-SDKS = ("openai", "google.genai", "redis", "sqlalchemy", "flask_sqlalchemy", "httpx2")
+SDKS = ("openai", "google.genai", "anthropic", "redis", "httpx2")
 def loaded():
     return sorted(name for name in SDKS if name in sys.modules)
 
@@ -91,11 +91,11 @@ def test_start_up_imports_no_sdk_and_each_get_imports_only_its_own():
     assert stages["create_app"] == []
     assert stages["livez"] == []
     assert "openai" in stages["openai"]
-    assert not {"google.genai", "redis", "sqlalchemy"} & set(stages["openai"])
+    assert not {"google.genai", "redis"} & set(stages["openai"])
     assert "redis" in stages["redis"]
-    assert not {"google.genai", "sqlalchemy"} & set(stages["redis"])
+    assert "google.genai" not in stages["redis"]
     assert "google.genai" in stages["genai"]
-    assert "sqlalchemy" not in stages["genai"]
+    assert "anthropic" not in stages["genai"]
 
 
 def test_init_app_registers_each_service_under_its_own_key_and_builds_nothing(make_app):
@@ -107,8 +107,8 @@ def test_init_app_registers_each_service_under_its_own_key_and_builds_nothing(ma
     for key in ("redis_service", "openai_service", "genai_service"):
         info = app.extensions[key].info()
         assert not any(entry["client_built"] for entry in info.values()), key
-    # Once another app has used the database, Flask-SQLAlchemy attaches new apps at
-    # init_app and creates their engine objects; those still hold no connection.
+    # Flask-SQLAlchemy creates the engine objects at init_app; they hold no connection yet.
+    assert app.extensions["db_service"].engines
     for engine in app.extensions["db_service"].engines:
         assert engine.pool.checkedin() == 0
         assert engine.pool.checkedout() == 0

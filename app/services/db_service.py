@@ -1,49 +1,55 @@
-"""The database: Flask-SQLAlchemy, attached lazily, fork-safe.
+"""The database: plain Flask-SQLAlchemy on a typed declarative base, fork-safe.
 
-``db`` is the Flask-SQLAlchemy instance users define models on. It is created
-on first access, not at import, and attached to an app (its engines created)
-the first time that app needs an engine, not in ``init_app``: SQLAlchemy
-alone takes longer to import than Flask, and an app whose first request is
-``/livez`` (or a ``flask`` command that never touches the database) should
-not pay for it. Models defined on ``db`` work as with plain Flask-SQLAlchemy.
+``db`` is an ordinary ``flask_sqlalchemy.SQLAlchemy`` built on :class:`Base`,
+an SQLAlchemy 2.0 ``DeclarativeBase``. Models subclass :class:`Base` (one
+registry and one metadata with ``db.Model``, so ``db.session``,
+``db.create_all()`` and ``flask db migrate`` see them) rather than
+``db.Model``: ``db.Model`` is an attribute of an instance, which mypy cannot
+take as a base class, while :class:`Base` is a real class, so ``Mapped[...]``
+columns type-check. What ``db.Model`` adds on top, an automatic
+``__tablename__`` and the legacy ``Model.query``, is not used here: models name
+their table and queries go through ``db.session``.
 
-``DATABASE_URL`` (or ``SQLALCHEMY_DATABASE_URI``) accepts ``sqlite:///...``,
-``postgres://`` and ``postgresql://`` (PostgreSQL through psycopg 3); the
-default is SQLite at ``instance/app.db``. Engines ping connections before use
-(``pool_pre_ping``), and a forked child disposes of its inherited pool without
-closing the parent's connections (``dispose(close=False)``).
+``init_app`` validates the settings and hands them to Flask-SQLAlchemy, which
+creates the engine objects (no connection yet). ``DATABASE_URL`` (or
+``SQLALCHEMY_DATABASE_URI``) accepts ``sqlite:///...``, ``postgres://`` and
+``postgresql://`` (PostgreSQL through psycopg 3); the default is SQLite at
+``instance/app.db``. Engines ping connections before use (``pool_pre_ping``),
+and a forked child disposes of its inherited pools without closing the
+parent's connections (``dispose(close=False)``, SQLAlchemy's advice for
+``os.fork()``), so it opens its own.
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask, current_app
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import Engine
+from sqlalchemy.orm import DeclarativeBase, scoped_session
 
 from app.config import get_bool, get_seconds, get_str
 from app.connectors._base import Connector, current_connector, on_fork_in_child, register
 from app.errors import ConfigError
 from app.redaction import redact_url, register_secret
 
-if TYPE_CHECKING:
-    from flask_sqlalchemy import SQLAlchemy
-    from sqlalchemy import Engine
-    from sqlalchemy.orm import scoped_session
-
-    db: SQLAlchemy
-
-__all__ = ["db", "get_db", "init_app", "transaction"]
+__all__ = ["Base", "db", "get_db", "init_app", "transaction"]
 
 EXTENSION_KEY = "db_service"
 
-_lock = threading.RLock()
-_db: SQLAlchemy | None = None
+
+class Base(DeclarativeBase):
+    """The declarative base of every model: ``class Note(Base)`` with ``Mapped[...]`` columns."""
+
+
+db = SQLAlchemy(model_class=Base)
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,6 @@ def parse_database_settings(config: Mapping[str, Any], instance_path: str) -> Da
         raise ConfigError(
             f"{key} must be a sqlite:///, postgres:// or postgresql:// URL, got {redact_url(url)!r}"
         )
-    from urllib.parse import urlsplit
-
     register_secret(urlsplit(url).password)
     return DatabaseSettings(
         url=url,
@@ -93,19 +97,14 @@ def parse_database_settings(config: Mapping[str, Any], instance_path: str) -> Da
 
 
 class DatabaseConnector(Connector):
-    """The validated settings of one app, and its engines once attached."""
+    """The validated settings of one app and the engines Flask-SQLAlchemy made for it."""
 
     extension_key = EXTENSION_KEY
     accessor = "db"
 
-    def __init__(self, app: Flask, settings: DatabaseSettings) -> None:
-        self.app_ref = weakref.ref(app)
+    def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
         self.engines: list[Engine] = []
-
-    @property
-    def attached(self) -> bool:
-        return bool(self.engines)
 
     @property
     def holds_connections(self) -> bool:
@@ -115,7 +114,7 @@ class DatabaseConnector(Connector):
             checked_in = getattr(pool, "checkedin", None)
             checked_out = getattr(pool, "checkedout", None)
             if checked_in is None or checked_out is None:
-                return True  # a pool that does not count (StaticPool): attached is all we know
+                return True  # a pool that does not count (StaticPool): it holds its one connection
             if checked_in() + checked_out() > 0:
                 return True
         return False
@@ -142,11 +141,11 @@ class DatabaseConnector(Connector):
         }
 
 
-_attached: weakref.WeakSet[DatabaseConnector] = weakref.WeakSet()
+_connectors: weakref.WeakSet[DatabaseConnector] = weakref.WeakSet()
 
 
 def _forget_engines_after_fork() -> None:
-    for connector in list(_attached):
+    for connector in list(_connectors):
         connector.forget_after_fork()
 
 
@@ -154,9 +153,9 @@ on_fork_in_child(_forget_engines_after_fork)
 
 
 def init_app(app: Flask) -> None:
-    """Validate the database settings and register the service; imports nothing heavy."""
+    """Validate the database settings, register the service and attach ``db`` to ``app``."""
     settings = parse_database_settings(app.config, app.instance_path)
-    connector = DatabaseConnector(app, settings)
+    connector = DatabaseConnector(settings)
     register(app, connector)
     app.config["SQLALCHEMY_DATABASE_URI"] = settings.url
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
@@ -165,80 +164,15 @@ def init_app(app: Flask) -> None:
     }
     if settings.dialect == "sqlite":
         Path(app.instance_path).mkdir(parents=True, exist_ok=True)
-    # Flask-SQLAlchemy registers these two in its own init_app; Flask refuses
-    # such setup calls once an app has served a request, and the attach may
-    # come later than that, so they are registered here, up front.
-    app.teardown_appcontext(_remove_session)
-    app.shell_context_processor(lambda: {"db": get_db()})
-
-
-def _remove_session(_exc: BaseException | None) -> None:
-    if _db is not None:
-        _db.session.remove()
-
-
-def _ignore_setup(f: Any) -> Any:
-    return f
-
-
-def _attach(database: SQLAlchemy, app: Flask) -> None:
-    """Run Flask-SQLAlchemy's ``init_app`` for ``app`` on its first use of the database.
-
-    Its one setup-method call (the session teardown) was made by
-    :func:`init_app` already, and Flask refuses such calls once the app has
-    served a request, which a lazy attach usually follows; so it is passed
-    over here. Called with ``_lock`` held.
-    """
-    app.__dict__["teardown_appcontext"] = _ignore_setup
-    try:
-        database.init_app(app)
-    finally:
-        del app.__dict__["teardown_appcontext"]
+    db.init_app(app)
+    with app.app_context():  # Flask-SQLAlchemy's public way to reach this app's engines
+        connector.engines = list(db.engines.values())
+    _connectors.add(connector)
 
 
 def get_db() -> SQLAlchemy:
-    """The Flask-SQLAlchemy instance users define models on, created on first use."""
-    database = _db
-    if database is not None:
-        return database
-    with _lock:
-        if _db is None:
-            _create()
-        assert _db is not None
-        return _db
-
-
-def _create() -> None:
-    global _db  # noqa: PLW0603 - the one shared instance, created lazily
-    from flask_sqlalchemy import SQLAlchemy
-
-    class ServicesSQLAlchemy(SQLAlchemy):
-        """Flask-SQLAlchemy, attached to an app the first time that app needs an engine."""
-
-        @property
-        def engines(self) -> Mapping[str | None, Engine]:
-            app = current_app._get_current_object()  # type: ignore[attr-defined]
-            connector = app.extensions.get(EXTENSION_KEY)
-            # ``connector.engines`` is published last: Flask-SQLAlchemy registers
-            # itself in app.extensions before it has created the engines, so that
-            # entry cannot tell other threads that the attach is complete.
-            if isinstance(connector, DatabaseConnector) and not connector.attached:
-                with _lock:
-                    if not connector.attached:
-                        if app.extensions.get("sqlalchemy") is not self:
-                            _attach(self, app)
-                        engines = list(super().engines.values())
-                        _attached.add(connector)
-                        connector.engines = engines
-            return super().engines
-
-    _db = ServicesSQLAlchemy(add_models_to_shell=False)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "db":
-        return get_db()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """``db``, for callers that prefer a function (the ``flask db`` stand-in, health checks)."""
+    return db
 
 
 def current_database() -> DatabaseConnector:
@@ -246,16 +180,16 @@ def current_database() -> DatabaseConnector:
 
 
 def engine() -> Engine:
-    """The current app's default engine (attaching the database if needed)."""
+    """The current app's default engine."""
     current_database()
-    return get_db().engine
+    return db.engine
 
 
 @contextmanager
 def transaction() -> Iterator[scoped_session[Any]]:
     """``with transaction() as session:`` commits on success, rolls back on any error."""
     current_database()
-    session = get_db().session
+    session = db.session
     try:
         yield session
         session.commit()
