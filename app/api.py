@@ -2,9 +2,11 @@
 
 ``POST /api/chat`` and ``POST /api/embeddings`` call :func:`app.llm.get_llm`,
 so they work with every provider (``"model": "provider/model"``). Every error
-is JSON with a stable ``error.type``; upstream failures map to gateway
-statuses from the layer's typed errors, and messages pass through
-:func:`app.redaction.redact`, so they never echo a key.
+is JSON with a stable ``error.type``. The views check only the body's JSON
+shape; the layer validates the rest, and each of its errors says its own
+HTTP meaning (``http_status``, ``kind``, ``field``), so they are answered by
+lookup. Messages pass through :func:`app.redaction.redact`, so they never
+echo a key.
 
 With ``"stream": true`` the chat answers ``text/event-stream``: an
 ``event: delta`` per text delta, then ``event: done`` (usage, finish reason,
@@ -24,37 +26,18 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
 from app.errors import UnknownProfileError
-from app.llm import (
-    ChatResponse,
-    ChatStream,
-    LLMAuthError,
-    LLMBadRequestError,
-    LLMConnectionError,
-    LLMContentFilterError,
-    LLMContextLengthError,
-    LLMError,
-    LLMNotConfiguredError,
-    LLMNotFoundError,
-    LLMPermissionError,
-    LLMRateLimitError,
-    LLMResponseError,
-    LLMServerError,
-    LLMTimeoutError,
-    get_llm,
-)
+from app.llm import ChatResponse, ChatStream, LLMError, LLMResponseError, LLMServerError, get_llm
+from app.llm.client import OPENAI_PROVIDER
 from app.redaction import redact
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
-#: ``developer`` is OpenAI's newer name for ``system``; it is sent as ``system``.
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-DEFAULT_PROFILE = "default"
-#: The provider that addresses the ``default`` OpenAI profile.
-OPENAI_PROVIDER = "openai"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class BadRequest(Exception):
+    """The body does not have the JSON shape a view needs (``field`` says where)."""
+
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
@@ -80,7 +63,7 @@ def _error_body(kind: str, message: str, **extra: Any) -> dict[str, Any]:
 @dataclass
 class ChatCall:
     model: str  # "provider/model"
-    messages: list[dict[str, Any]]
+    messages: Any  # validated by the layer
     stream: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -97,7 +80,9 @@ def _address(body: Mapping[str, Any]) -> str:
 
     With ``profile`` given, ``model`` is that profile's model name as before
     (``"default"`` is the ``openai`` provider). Without it, ``model`` is
-    ``provider/model``; a name without ``/`` goes to ``openai``.
+    ``provider/model``; a name without ``/`` goes to ``openai``. An unknown
+    provider is the caller's mistake here (400), where the layer, which
+    cannot tell it from a missing profile, says not configured (503).
     """
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
@@ -107,7 +92,7 @@ def _address(body: Mapping[str, Any]) -> str:
         profile = body["profile"]
         if not isinstance(profile, str) or not profile:
             raise BadRequest("profile", "profile must be a non-empty string")
-        from app.connectors.openai_connector import current_openai_connector
+        from app.connectors.openai_connector import DEFAULT_PROFILE, current_openai_connector
 
         try:
             current_openai_connector().profile(profile)
@@ -127,89 +112,21 @@ def _address(body: Mapping[str, Any]) -> str:
     return model
 
 
-def _parse_messages(messages: Any) -> list[dict[str, Any]]:
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages", "messages must be a non-empty list of {role, content} objects")
-    parsed = []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise BadRequest(where, f"{where} must be an object")
-        role = message.get("role")
-        if role not in ROLES:
-            raise BadRequest(f"{where}.role", f"{where}.role must be one of {sorted(ROLES)}")
-        content = message.get("content")
-        if not isinstance(content, str | list) and not (
-            content is None and role == "assistant" and message.get("tool_calls")
-        ):
-            raise BadRequest(f"{where}.content", f"{where}.content must be a string or a list of parts")
-        parsed.append({**message, "role": "system"} if role == "developer" else message)
-    return parsed
-
-
-def _parse_tools(tools: Any) -> list[dict[str, Any]] | None:
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise BadRequest("tools", "tools must be a list of tool definitions")
-    names: set[str] = set()
-    for index, tool in enumerate(tools):
-        where = f"tools[{index}]"
-        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
-        if (
-            not isinstance(function, dict)
-            or not isinstance(function.get("name"), str)
-            or not function["name"]
-        ):
-            raise BadRequest(
-                where,
-                f"{where} must be {{name, description, parameters}}"
-                " or {type: 'function', function: {name, description, parameters}}",
-            )
-        if not isinstance(function.get("parameters", {}), dict):
-            raise BadRequest(f"{where}.parameters", f"{where}.parameters must be a JSON schema object")
-        if function["name"] in names:
-            raise BadRequest("tools", f"tools must have unique names; {function['name']!r} is repeated")
-        names.add(function["name"])
-    return tools
-
-
-def _parse_response_format(value: Any) -> dict[str, Any] | None:
-    """A JSON schema, bare or in OpenAI's ``{"type": "json_schema", "json_schema": {...}}`` wrapper."""
-    if value is None:
-        return None
-    usage = "response_format must be a JSON schema object (or {type: 'json_schema', json_schema: {schema}})"
-    if not isinstance(value, dict):
-        raise BadRequest("response_format", usage)
-    if value.get("type") == "json_schema":
-        inner = value.get("json_schema")
-        if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
-            raise BadRequest("response_format.json_schema", usage)
-        schema = inner["schema"]
-    elif isinstance(value.get("type"), str) and value["type"] != "object":
-        raise BadRequest("response_format", f"{usage}; the schema must describe an object")
-    else:
-        schema = value
-    if schema.get("type", "object") != "object":
-        raise BadRequest("response_format", f"{usage}; the schema must describe an object")
-    return value
-
-
 def _parse_chat(body: dict[str, Any]) -> ChatCall:
-    messages = _parse_messages(body.get("messages"))
+    """The call's arguments, checked for their JSON types only: the layer validates the rest."""
     address = _address(body)
     options: dict[str, Any] = {}
-    tools = _parse_tools(body.get("tools"))
-    if tools:
-        options["tools"] = tools
-    tool_choice = body.get("tool_choice")
-    if tool_choice is not None:
-        if not isinstance(tool_choice, str | dict):
-            raise BadRequest("tool_choice", "tool_choice must be 'auto', 'none', 'required' or a tool name")
-        options["tool_choice"] = tool_choice
-    response_format = _parse_response_format(body.get("response_format"))
-    if response_format is not None:
-        options["response_format"] = response_format
+    for name, kinds, usage in (
+        ("tools", list, "a list of tool definitions"),
+        ("tool_choice", str | dict, "'auto', 'none', 'required' or a tool name"),
+        ("response_format", dict, "a JSON schema object (or {type: 'json_schema', json_schema: {schema}})"),
+    ):
+        value = body.get(name)
+        if value is not None and not isinstance(value, kinds):
+            raise BadRequest(name, f"{name} must be {usage}")
+        if value is not None:
+            options[name] = value
+    # JSON numbers with their schema's minimum (a boolean is not a number here).
     temperature = body.get("temperature")
     if temperature is not None:
         if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
@@ -223,7 +140,7 @@ def _parse_chat(body: dict[str, Any]) -> ChatCall:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream", "stream must be true or false")
-    return ChatCall(address, messages, stream, options)
+    return ChatCall(address, body.get("messages"), stream, options)
 
 
 # --- answers ---------------------------------------------------------------------
@@ -345,7 +262,7 @@ def _sse_response(stream: ChatStream, structured: bool) -> Response:
                 done["parsed"] = answer.parsed
             yield _sse("done", done)
         except LLMError as exc:
-            status, body, _headers = llm_error_parts(exc, mid_stream=True)
+            status, body, _headers = llm_error_parts(exc)
             yield _sse("error", {"error": {**body, "status": status}})
         except Exception:
             current_app.logger.exception("unhandled error in a chat stream")
@@ -363,11 +280,17 @@ def _sse_response(stream: ChatStream, structured: bool) -> Response:
 
 # --- errors ------------------------------------------------------------------------
 
-#: The start of a validation message that names the offending field (``messages[2].content``).
-_FIELD = re.compile(
-    r"^(?:messages|tools|tool_choice|response_format|max_tokens|temperature|inputs?)"
-    r"(?:\[\d+\]|\.[A-Za-z_]\w*)*"
-)
+#: What the client is told, by ``kind``: a summary naming the provider, never its own words
+#: (an auth error may quote the key; a 5xx, its internals), except a refusal's explanation.
+_SUMMARIES = {
+    "upstream_auth": "{where} rejected the configured credentials{status}",
+    "rate_limited": "{where} is rate limiting requests",
+    "upstream_timeout": "{where} did not answer in time",
+    "upstream_unreachable": "{where} could not be reached or the connection broke",
+    "upstream_rejected": "{where} rejected the request{status}: {detail}",
+}
+#: Kinds whose message the layer wrote for the caller (nothing of the provider's in it).
+_OWN_WORDS = frozenset({"invalid_request", "not_configured", "circuit_open", "bulkhead_full"})
 #: What a provider's message is when it has no explanation of its own.
 _NO_DETAIL = re.compile(r"^(?:HTTP|Error code:?)\s*\d{3}\s*$", re.IGNORECASE)
 
@@ -388,58 +311,42 @@ def retry_after_header(seconds: float | None) -> dict[str, str]:
     return {"Retry-After": str(math.ceil(seconds))}
 
 
-def _is_validation_error(exc: LLMError) -> bool:
-    """The layer's own check of the call failed: nothing was sent, no SDK error is chained."""
-    return type(exc) is LLMBadRequestError and exc.status_code is None and exc.__cause__ is None
+def llm_error_parts(exc: LLMError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, ``error`` body and headers for a typed LLM error (shared by JSON and SSE answers).
+
+    All of it is read off the error: ``http_status``, ``kind``, ``field``,
+    ``reason``, ``retry_after``; only the wording is chosen here.
+    """
+    kind = exc.kind
+    extra: dict[str, Any] = {"provider": exc.provider, "model": exc.model}
+    if exc.field is not None:
+        extra["field"] = exc.field
+    if kind == "upstream_rejected":
+        extra["reason"] = exc.reason
+    if exc.status_code is not None:
+        extra["upstream_status"] = exc.status_code
+    setting = getattr(exc, "setting", None)  # LLMNotConfiguredError: what to set
+    if setting is not None:
+        extra["setting"] = setting
+    body = _error_body(kind, _message(exc, kind), **extra)
+    return exc.http_status, body, retry_after_header(exc.retry_after)
 
 
-def llm_error_parts(exc: LLMError, *, mid_stream: bool = False) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Status, ``error`` body and headers for a typed LLM error (shared by JSON and SSE answers)."""
+def _message(exc: LLMError, kind: str) -> str:
+    if kind in _OWN_WORDS:
+        return exc.message
     where = f"the provider {exc.provider!r}" if exc.provider else "the provider"
-    context = {"provider": exc.provider, "model": exc.model}
-    upstream = {"upstream_status": exc.status_code} if exc.status_code is not None else {}
-    if isinstance(exc, LLMNotConfiguredError):
-        return 503, _error_body("not_configured", exc.message, setting=exc.setting, **context), {}
-    if isinstance(exc, LLMAuthError | LLMPermissionError):
-        status = f" (HTTP {exc.status_code})" if exc.status_code else ""
-        message = f"{where} rejected the configured credentials{status}"
-        return 502, _error_body("upstream_auth", message, **upstream, **context), {}
-    if isinstance(exc, LLMRateLimitError):
-        message = f"{where} is rate limiting requests"
-        return 429, _error_body("rate_limited", message, **context), retry_after_header(exc.retry_after)
-    if isinstance(exc, LLMTimeoutError):
-        return 504, _error_body("upstream_timeout", f"{where} did not answer in time", **context), {}
-    if isinstance(exc, LLMConnectionError):
-        message = f"{where} could not be reached or the connection broke"
-        return 502, _error_body("upstream_unreachable", message, **context), {}
-    if isinstance(exc, LLMServerError):
-        status = f" (HTTP {exc.status_code})" if exc.status_code else ""
-        return 502, _error_body("upstream_error", f"{where} failed{status}", **upstream, **context), {}
-    if not mid_stream and _is_validation_error(exc):
-        # The layer's own validation (nothing was sent): name the field when the message does.
-        match = _FIELD.match(exc.message)
-        name = match.group(0) if match else "tools" if exc.message.startswith("tool ") else "body"
-        return 400, _error_body("invalid_request", exc.message, field=name), {}
-    if isinstance(exc, LLMBadRequestError | LLMNotFoundError):
+    status = f" (HTTP {exc.status_code})" if exc.status_code else ""
+    summary = _SUMMARIES.get(kind)
+    if summary is not None:
         detail = re.sub(r"^HTTP \d{3}:\s*", "", exc.message)
         if not detail or _NO_DETAIL.match(detail):
             detail = "no detail"
-        status = f" (HTTP {exc.status_code})" if exc.status_code else ""
-        reason = (
-            "context_length"
-            if isinstance(exc, LLMContextLengthError)
-            else "content_filter"
-            if isinstance(exc, LLMContentFilterError)
-            else "not_found"
-            if isinstance(exc, LLMNotFoundError)
-            else "bad_request"
-        )
-        message = f"{where} rejected the request{status}: {detail}"
-        return 400, _error_body("upstream_rejected", message, reason=reason, **upstream, **context), {}
-    if isinstance(exc, LLMResponseError):
-        message = f"{where} sent a response that could not be read: {exc.message}"
-        return 502, _error_body("upstream_error", message, **context), {}
+        return summary.format(where=where, status=status, detail=detail)
+    if isinstance(exc, LLMServerError):
+        return f"{where} failed{status}"
+    if isinstance(exc, LLMResponseError):  # the layer says what was wrong with the answer
+        return f"{where} sent a response that could not be read: {exc.message}"
     # An error the layer could not classify: the provider's answer broke the adapter.
     current_app.logger.warning("unclassified LLM error: %s", exc)
-    message = f"{where} sent a response that could not be read"
-    return 502, _error_body("upstream_error", message, **upstream, **context), {}
+    return f"{where} sent a response that could not be read"

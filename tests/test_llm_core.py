@@ -71,37 +71,64 @@ def test_plain_messages_become_message_values():
 
 
 @pytest.mark.parametrize(
-    ("messages", "needle"),
+    ("messages", "needle", "field"),
     [
-        ([], "messages must be a non-empty list"),
-        ("Hi", "messages must be a non-empty list"),
-        ({"role": "user", "content": "Hi"}, "messages must be a non-empty list"),
-        ([USER, "Hi"], "messages[1] must be a dict"),
-        ([USER, {"role": "bogus", "content": "x"}], "messages[1].role must be one of"),
-        ([{"content": "x"}], "messages[0].role must be one of"),
-        ([{"role": ["user"], "content": "x"}], "messages[0].role must be one of"),
-        ([{"role": "user"}], "messages[0].content must be a string or a non-empty list"),
-        ([{"role": "user", "content": []}], "messages[0].content must be a string or a non-empty list"),
-        ([{"role": "user", "content": 42}], "messages[0].content must be a string"),
-        ([USER, {"role": "assistant", "content": None}], "messages[1].content must be a string"),
-        ([{"role": "user", "content": ["ok", 7]}], "messages[0].content[1] must be a text or image part"),
-        ([{"role": "user", "content": [{"type": "audio"}]}], "messages[0].content[0].type must be"),
+        ([], "messages must be a non-empty list", "messages"),
+        ("Hi", "messages must be a non-empty list", "messages"),
+        ({"role": "user", "content": "Hi"}, "messages must be a non-empty list", "messages"),
+        ([USER, "Hi"], "messages[1] must be a dict", "messages[1]"),
+        ([USER, {"role": "bogus", "content": "x"}], "messages[1].role must be one of", "messages[1].role"),
+        ([{"content": "x"}], "messages[0].role must be one of", "messages[0].role"),
+        ([{"role": ["user"], "content": "x"}], "messages[0].role must be one of", "messages[0].role"),
+        (
+            [{"role": "user"}],
+            "messages[0].content must be a string or a non-empty list",
+            "messages[0].content",
+        ),
+        (
+            [{"role": "user", "content": []}],
+            "messages[0].content must be a string or a non-empty list",
+            "messages[0].content",
+        ),
+        ([{"role": "user", "content": 42}], "messages[0].content must be a string", "messages[0].content"),
+        (
+            [USER, {"role": "assistant", "content": None}],
+            "messages[1].content must be a string",
+            "messages[1].content",
+        ),
+        (
+            [{"role": "user", "content": ["ok", 7]}],
+            "messages[0].content[1] must be a text or image part",
+            "messages[0].content[1]",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "audio"}]}],
+            "messages[0].content[0].type must be",
+            "messages[0].content[0].type",
+        ),
         (
             [{"role": "user", "content": [{"type": "text", "text": 5}]}],
             "messages[0].content[0].text must be a string",
+            "messages[0].content[0].text",
         ),
-        ([USER, {"role": "tool", "content": "42"}], "messages[1].tool_call_id is required"),
+        (
+            [USER, {"role": "tool", "content": "42"}],
+            "messages[1].tool_call_id is required",
+            "messages[1].tool_call_id",
+        ),
         (
             [USER, {"role": "tool", "content": "42", "tool_call_id": 7}],
             "messages[1].tool_call_id is required",
+            "messages[1].tool_call_id",
         ),
     ],
 )
-def test_a_bad_message_is_a_bad_request_naming_the_index_and_field(messages, needle):
+def test_a_bad_message_is_a_bad_request_naming_the_index_and_field(messages, needle, field):
     with pytest.raises(LLMBadRequestError) as excinfo:
         normalise_messages(messages)
 
     assert needle in str(excinfo.value)
+    assert excinfo.value.field == field
     assert excinfo.value.status_code is None  # the layer's own check: nothing was sent
 
 
@@ -136,20 +163,38 @@ def test_image_parts_by_url_data_url_and_bytes():
 
 
 @pytest.mark.parametrize(
-    ("part", "needle"),
+    ("part", "needle", "field"),
     [
-        ({"type": "image", "data": PNG}, "messages[0].content[1].mime_type is required"),
-        ({"type": "image", "data": PNG, "mime_type": "png"}, "messages[0].content[1].mime_type is required"),
-        ({"type": "image"}, "messages[0].content[1] needs a url or data"),
-        ({"type": "image", "url": ""}, "messages[0].content[1] needs a url or data"),
-        ({"type": "image", "data": "not bytes", "mime_type": "image/png"}, "needs a url or data"),
+        (
+            {"type": "image", "data": PNG},
+            "messages[0].content[1].mime_type is required",
+            "messages[0].content[1].mime_type",
+        ),
+        (
+            {"type": "image", "data": PNG, "mime_type": "png"},
+            "messages[0].content[1].mime_type is required",
+            "messages[0].content[1].mime_type",
+        ),
+        ({"type": "image"}, "messages[0].content[1] needs a url or data", "messages[0].content[1].url"),
+        (
+            {"type": "image", "url": ""},
+            "messages[0].content[1] needs a url or data",
+            "messages[0].content[1].url",
+        ),
+        (
+            {"type": "image", "data": "not bytes", "mime_type": "image/png"},
+            "needs a url or data",
+            "messages[0].content[1].url",
+        ),
+        ({"type": "image_url", "image_url": 7}, "needs a url or data", "messages[0].content[1].image_url"),
     ],
 )
-def test_a_bad_image_part_names_what_is_missing(part, needle):
+def test_a_bad_image_part_names_what_is_missing(part, needle, field):
     with pytest.raises(LLMBadRequestError, match=r".*") as excinfo:
         normalise_messages([{"role": "user", "content": ["look", part]}])
 
     assert needle in str(excinfo.value)
+    assert excinfo.value.field == field
 
 
 def test_assistant_tool_calls_in_the_openai_form_and_as_tool_calls():
@@ -185,22 +230,33 @@ def test_assistant_tool_calls_in_the_openai_form_and_as_tool_calls():
 
 
 @pytest.mark.parametrize(
-    ("tool_call", "needle"),
+    ("tool_call", "needle", "field"),
     [
         (
             {"id": "c", "function": {"name": "f", "arguments": "{oops"}},
             "tool_calls[0].arguments is not valid",
+            "tool_calls[0].function.arguments",
         ),
-        ({"id": "c", "function": {"arguments": "{}"}}, "tool_calls[0] must be a ToolCall"),
-        ({"id": "c", "name": "f", "arguments": "[1, 2]"}, "tool_calls[0] must be a ToolCall"),
-        ("get_weather", "tool_calls[0] must be a ToolCall"),
+        (
+            {"id": "c", "name": "f", "arguments": "{oops"},
+            "tool_calls[0].arguments is not valid",
+            "tool_calls[0].arguments",
+        ),
+        ({"id": "c", "function": {"arguments": "{}"}}, "tool_calls[0] must be a ToolCall", "tool_calls[0]"),
+        (
+            {"id": "c", "name": "f", "arguments": "[1, 2]"},
+            "tool_calls[0] must be a ToolCall",
+            "tool_calls[0]",
+        ),
+        ("get_weather", "tool_calls[0] must be a ToolCall", "tool_calls[0]"),
     ],
 )
-def test_a_bad_assistant_tool_call_names_its_index(tool_call, needle):
+def test_a_bad_assistant_tool_call_names_its_index(tool_call, needle, field):
     with pytest.raises(LLMBadRequestError) as excinfo:
         normalise_messages([USER, {"role": "assistant", "content": None, "tool_calls": [tool_call]}])
 
     assert f"messages[1].{needle}" in str(excinfo.value)
+    assert excinfo.value.field == f"messages[1].{field}"
 
 
 # --- tools -----------------------------------------------------------------------------------
@@ -299,24 +355,34 @@ def lambda_free_name() -> None:
 
 
 @pytest.mark.parametrize(
-    ("tools", "needle"),
+    ("tools", "needle", "field"),
     [
-        ([{"name": "a"}, {"type": "function", "function": {"name": "a"}}], "tool names must be unique"),
-        ([search_docs, search_docs], "tool names must be unique"),
-        ([{"name": "a"}, {"description": "no name"}], "tools[1] needs a name"),
-        ([{"type": "function", "function": "get_weather"}], "tools[0] needs a name"),
-        ([{"name": "a", "parameters": ["city"]}], "tools[0].parameters must be a JSON schema object"),
-        (["get_weather"], "tools[0] must be a dict or a function"),
-        ([lambda_free_name, lambda city: city], "tools[1] has the name '<lambda>'"),
-        ([{"name": "get weather"}], "tools[0] has the name 'get weather'"),
-        ([{"name": "x" * 65}], "tools[0] has the name"),
+        (
+            [{"name": "a"}, {"type": "function", "function": {"name": "a"}}],
+            "tool names must be unique",
+            "tools[1].function.name",
+        ),
+        ([search_docs, search_docs], "tool names must be unique", "tools[1]"),
+        ([{"name": "a"}, {"description": "no name"}], "tools[1] needs a name", "tools[1].name"),
+        ([{"type": "function", "function": "get_weather"}], "tools[0] needs a name", "tools[0].function"),
+        (
+            [{"name": "a", "parameters": ["city"]}],
+            "tools[0].parameters must be a JSON schema object",
+            "tools[0].parameters",
+        ),
+        (["get_weather"], "tools[0] must be a dict or a function", "tools[0]"),
+        ([lambda_free_name, lambda city: city], "tools[1] has the name '<lambda>'", "tools[1]"),
+        ([{"name": "get weather"}], "tools[0] has the name 'get weather'", "tools[0].name"),
+        ([{"name": "x" * 65}], "tools[0] has the name", "tools[0].name"),
+        ({"name": "a"}, "tools must be a list", "tools"),
     ],
 )
-def test_bad_tools_are_bad_requests(tools, needle):
+def test_bad_tools_are_bad_requests(tools, needle, field):
     with pytest.raises(LLMBadRequestError) as excinfo:
         normalise_tools(tools)
 
     assert needle in str(excinfo.value)
+    assert excinfo.value.field == field
 
 
 def test_no_tools_is_an_empty_list():
@@ -356,6 +422,7 @@ def test_a_tool_choice_that_names_no_given_tool_is_a_bad_request(choice, tools, 
         normalise_tool_choice(choice, normalise_tools(tools))
 
     assert needle in str(excinfo.value)
+    assert excinfo.value.field == "tool_choice"
 
 
 # --- structured output -----------------------------------------------------------------------
@@ -777,6 +844,7 @@ def test_validation_errors_from_chat_carry_provider_and_model(make_app):
 
     assert (excinfo.value.provider, excinfo.value.model) == ("openai", "gpt-4o")
     assert "messages[0].content[0].mime_type is required" in str(excinfo.value)
+    assert excinfo.value.field == "messages[0].content[0].mime_type"  # kept when re-raised with context
 
 
 def test_importing_app_llm_imports_no_sdk():

@@ -5,21 +5,39 @@ Everything the LLM layer raises is an :class:`LLMError` carrying ``provider``,
 ``retry-after-ms``, ``Retry-After`` in seconds or as a date, or Gemini's
 ``RetryInfo``), with the SDK's exception chained as ``__cause__``. Messages
 pass through :func:`app.redaction.redact`, so they never carry a key.
+
+Each class also says what it means over HTTP, so a view answers by lookup
+rather than by testing classes: ``http_status`` (the status ``/api`` answers
+with), ``kind`` (the stable ``error.type`` of its JSON body) and, for a
+request the provider refused, ``reason``. An :class:`LLMBadRequestError` the
+layer raised itself names the offending parameter in ``field``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from app.redaction import redact
 
 
 class LLMError(Exception):
-    """Base of every error the LLM layer raises."""
+    """Base of every error the LLM layer raises.
+
+    A plain ``LLMError`` is one the layer could not classify (the provider's
+    answer broke the adapter): a bad gateway.
+    """
+
+    #: The HTTP status ``/api`` answers with.
+    http_status: ClassVar[int] = 502
+    #: For a request the provider refused (``kind == "upstream_rejected"``): why.
+    reason: ClassVar[str | None] = None
+    #: The request parameter at fault, when the layer knows it (see LLMBadRequestError).
+    field: str | None = None
 
     def __init__(
         self,
@@ -38,45 +56,105 @@ class LLMError(Exception):
         where = f"{provider}/{model}" if provider and model else provider or model
         super().__init__(f"{where}: {self.message}" if where else self.message)
 
+    @property
+    def kind(self) -> str:
+        """The stable, snake_case name ``/api`` gives this error (``error.type``).
+
+        A property here so that :class:`LLMBadRequestError` can tell its two
+        origins apart; every other class sets it as a plain class attribute.
+        """
+        return "upstream_error"
+
 
 class LLMAuthError(LLMError):
     """401: the key is missing, wrong or revoked."""
+
+    kind = "upstream_auth"  # our configuration is at fault, not the caller: a bad gateway
 
 
 class LLMPermissionError(LLMError):
     """403: the key may not use this model or resource."""
 
+    kind = "upstream_auth"
+
+
+class LLMBadRequestError(LLMError):
+    """400/422: the request is invalid (the layer's own validation raises it too).
+
+    ``field`` names the parameter at fault when the layer's own checks raise
+    it: ``messages[2].content[0].url``, ``tools[1].parameters``,
+    ``tool_choice``, ``response_format``, ``max_tokens``... Its ``kind`` is
+    ``invalid_request`` then (nothing was sent), and ``upstream_rejected``
+    when the provider refused the request (it has an HTTP status, or chains
+    the SDK's error).
+    """
+
+    http_status = 400
+    reason = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
+        if field is None:
+            # ``except LLMBadRequestError as exc: raise LLMBadRequestError(exc.message, provider=...)``
+            # adds context to the same error: it keeps the field of the one being handled.
+            handled = sys.exc_info()[1]
+            if isinstance(handled, LLMBadRequestError) and handled.message == self.message:
+                field = handled.field
+        self.field = field
+
+    @property
+    def kind(self) -> str:
+        if self.status_code is None and self.__cause__ is None:
+            return "invalid_request"
+        return "upstream_rejected"
+
 
 class LLMNotFoundError(LLMError):
     """404: no such model (or deployment)."""
 
-
-class LLMBadRequestError(LLMError):
-    """400/422: the request is invalid (the layer's own validation raises it too)."""
+    http_status = 400  # the caller named it
+    kind = "upstream_rejected"
+    reason = "not_found"
 
 
 class LLMContextLengthError(LLMBadRequestError):
     """The prompt (plus max_tokens) exceeds the model's context window."""
 
+    kind = "upstream_rejected"
+    reason = "context_length"
+
 
 class LLMContentFilterError(LLMBadRequestError):
     """The provider refused the request on content-policy grounds."""
+
+    kind = "upstream_rejected"
+    reason = "content_filter"
 
 
 class LLMRateLimitError(LLMError):
     """429 (or a quota error): slow down; ``retry_after`` says for how long when known."""
 
+    http_status = 429
+    kind = "rate_limited"
+
 
 class LLMTimeoutError(LLMError):
     """No answer within the timeout."""
+
+    http_status = 504
+    kind = "upstream_timeout"
 
 
 class LLMConnectionError(LLMError):
     """The provider could not be reached, or the connection broke."""
 
+    kind = "upstream_unreachable"
+
 
 class LLMServerError(LLMError):
     """5xx (and Anthropic's 529 overloaded): the provider failed."""
+
+    kind = "upstream_error"
 
 
 class LLMResponseError(LLMError):
@@ -85,6 +163,8 @@ class LLMResponseError(LLMError):
     ``raw_text`` keeps what the model sent.
     """
 
+    kind = "upstream_error"
+
     def __init__(self, message: str, *, raw_text: str | None = None, **context: Any) -> None:
         super().__init__(message, **context)
         self.raw_text = raw_text
@@ -92,6 +172,9 @@ class LLMResponseError(LLMError):
 
 class LLMNotConfiguredError(LLMError):
     """The provider is unknown, or a setting it needs is missing (named in ``setting``)."""
+
+    http_status = 503
+    kind = "not_configured"
 
     def __init__(self, message: str, *, setting: str | None = None, **context: Any) -> None:
         super().__init__(message, **context)
@@ -104,9 +187,15 @@ class LLMCircuitOpenError(LLMError):
     ``retry_after`` is the time left until it admits trial calls.
     """
 
+    http_status = 503
+    kind = "circuit_open"
+
 
 class LLMBulkheadFullError(LLMError):
     """Too many calls to this provider are in flight in this process; none was made."""
+
+    http_status = 503
+    kind = "bulkhead_full"
 
 
 def error_for_status(status: int | None) -> type[LLMError]:

@@ -14,21 +14,57 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from app.llm.errors import LLMResponseError
+from app.llm.errors import LLMBadRequestError, LLMResponseError
 
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_USAGE = "response_format must be a pydantic model class or a JSON schema dict"
+
+
+def check_response_format(response_format: Any) -> None:
+    """Raise an LLMBadRequestError naming the ``field`` if ``response_format`` cannot be used.
+
+    A dict is a JSON schema, bare or in OpenAI's wrapper; it must describe an
+    object, as :func:`parse_structured` decodes the answer into one.
+    """
+    if not isinstance(response_format, Mapping):
+        if not hasattr(response_format, "model_validate_json"):
+            raise LLMBadRequestError(_USAGE, field="response_format")
+        return
+    schema: Any = response_format
+    where = "response_format"
+    if response_format.get("type") == "json_schema":
+        inner = response_format.get("json_schema")
+        if not isinstance(inner, Mapping):
+            raise LLMBadRequestError(
+                f"{_USAGE} ({{type: 'json_schema', json_schema: {{name, schema}}}})",
+                field="response_format.json_schema",
+            )
+        schema = inner.get("schema")
+        if not isinstance(schema, Mapping):
+            raise LLMBadRequestError(
+                "response_format.json_schema.schema must be a JSON schema object",
+                field="response_format.json_schema.schema",
+            )
+        where = "response_format.json_schema.schema"
+    if schema.get("type", "object") != "object":
+        raise LLMBadRequestError(
+            f"{_USAGE}; the schema must describe an object, got type {schema.get('type')!r}", field=where
+        )
 
 
 def json_schema(response_format: Any) -> dict[str, Any]:
     """The JSON schema of a pydantic model class, or of a schema given as a dict.
 
     A dict may be a bare JSON schema or OpenAI's wrapper
-    ``{"type": "json_schema", "json_schema": {"name", "schema"}}``.
+    ``{"type": "json_schema", "json_schema": {"name", "schema"}}``. Every
+    provider reads the schema here, so one that cannot be used is refused
+    here too (an LLMBadRequestError), before anything is sent.
     """
+    check_response_format(response_format)
     if isinstance(response_format, Mapping):
         inner = response_format.get("json_schema")
         if response_format.get("type") == "json_schema" and isinstance(inner, Mapping):
-            return dict(inner.get("schema") or {})
+            return dict(inner["schema"])
         return dict(response_format)
     return dict(response_format.model_json_schema())
 

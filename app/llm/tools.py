@@ -38,18 +38,41 @@ TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def normalise_tools(tools: Sequence[Any] | None) -> list[ToolSpec]:
+    """Validate tools into :class:`ToolSpec` values.
+
+    A bad one is an LLMBadRequestError whose ``field`` is the path to it
+    (``tools[1].parameters``, ``tools[0].function.name``).
+    """
     if not tools:
         return []
+    if isinstance(tools, str | Mapping) or not isinstance(tools, Sequence):
+        raise LLMBadRequestError("tools must be a list of tool definitions", field="tools")
     specs = [_tool(index, tool) for index, tool in enumerate(tools)]
+    seen: set[str] = set()
     for index, spec in enumerate(specs):
         if not TOOL_NAME.match(spec.name):
             raise LLMBadRequestError(
-                f"tools[{index}] has the name {spec.name!r}; a tool name is 1 to 64 letters, digits, _ or -"
+                f"tools[{index}] has the name {spec.name!r}; a tool name is 1 to 64 letters, digits, _ or -",
+                field=_name_field(index, tools[index]),
             )
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise LLMBadRequestError(f"tool names must be unique, got {names}")
+        if spec.name in seen:
+            raise LLMBadRequestError(
+                f"tools[{index}] repeats the name {spec.name!r}; tool names must be unique",
+                field=_name_field(index, tools[index]),
+            )
+        seen.add(spec.name)
     return specs
+
+
+def _in_openai_form(tool: Any) -> bool:
+    return isinstance(tool, Mapping) and tool.get("type") == "function"
+
+
+def _name_field(index: int, tool: Any) -> str:
+    """Where a tool's name is: ``tools[i].name``, or ``tools[i].function.name`` in the OpenAI form."""
+    if callable(tool) and not isinstance(tool, Mapping):
+        return f"tools[{index}]"  # a function: its __name__
+    return f"tools[{index}].function.name" if _in_openai_form(tool) else f"tools[{index}].name"
 
 
 def _tool(index: int, tool: Any) -> ToolSpec:
@@ -57,13 +80,22 @@ def _tool(index: int, tool: Any) -> ToolSpec:
     if callable(tool) and not isinstance(tool, Mapping):
         return tool_from_function(tool)
     if not isinstance(tool, Mapping):
-        raise LLMBadRequestError(f"{where} must be a dict or a function")
-    function = tool.get("function") if tool.get("type") == "function" else tool
+        raise LLMBadRequestError(f"{where} must be a dict or a function", field=where)
+    openai_form = _in_openai_form(tool)
+    function = tool.get("function") if openai_form else tool
+    if openai_form and not isinstance(function, Mapping):
+        raise LLMBadRequestError(
+            f"{where} needs a name (flat form) or a function.name (OpenAI form)", field=f"{where}.function"
+        )
     if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-        raise LLMBadRequestError(f"{where} needs a name (flat form) or a function.name (OpenAI form)")
+        raise LLMBadRequestError(
+            f"{where} needs a name (flat form) or a function.name (OpenAI form)",
+            field=_name_field(index, tool),
+        )
     parameters = function.get("parameters") or EMPTY_OBJECT
     if not isinstance(parameters, Mapping):
-        raise LLMBadRequestError(f"{where}.parameters must be a JSON schema object")
+        at = f"{where}.function.parameters" if openai_form else f"{where}.parameters"
+        raise LLMBadRequestError(f"{where}.parameters must be a JSON schema object", field=at)
     return ToolSpec(function["name"], str(function.get("description") or ""), copy.deepcopy(dict(parameters)))
 
 
@@ -95,12 +127,13 @@ def normalise_tool_choice(choice: Any, tools: Sequence[ToolSpec]) -> ToolChoice 
     if choice is None:
         return None
     if choice == "required" and not tools:
-        raise LLMBadRequestError("tool_choice 'required' needs tools")
+        raise LLMBadRequestError("tool_choice 'required' needs tools", field="tool_choice")
     if choice in ("auto", "none", "required"):
         return ToolChoice(choice)
     name = choice.get("function", {}).get("name") if isinstance(choice, Mapping) else choice
     if isinstance(name, str) and any(tool.name == name for tool in tools):
         return ToolChoice("tool", name)
     raise LLMBadRequestError(
-        f"tool_choice must be 'auto', 'none', 'required' or the name of a given tool, got {choice!r}"
+        f"tool_choice must be 'auto', 'none', 'required' or the name of a given tool, got {choice!r}",
+        field="tool_choice",
     )

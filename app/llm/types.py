@@ -17,6 +17,9 @@ from app.llm.errors import LLMBadRequestError
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
+#: Other names accepted for a role: ``developer`` is OpenAI's newer name for ``system``.
+ROLE_ALIASES: dict[str, Role] = {"developer": "system"}
+_ROLE_NAMES = sorted([*ROLES, *ROLE_ALIASES])
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,19 @@ class Message:
 
 
 def normalise_messages(messages: Sequence[Mapping[str, Any]] | Any) -> list[Message]:
-    """Validate user messages into :class:`Message` values; a bad one is an LLMBadRequestError."""
+    """Validate user messages into :class:`Message` values.
+
+    A bad one is an LLMBadRequestError whose ``field`` is the path to it
+    (``messages[2].content[0].url``), so an API can point at it.
+    """
     if type(messages) is not list and (isinstance(messages, str) or not isinstance(messages, Sequence)):
-        raise LLMBadRequestError("messages must be a non-empty list of {role, content} dicts")
+        raise LLMBadRequestError(
+            "messages must be a non-empty list of {role, content} dicts", field="messages"
+        )
     if not messages:
-        raise LLMBadRequestError("messages must be a non-empty list of {role, content} dicts")
+        raise LLMBadRequestError(
+            "messages must be a non-empty list of {role, content} dicts", field="messages"
+        )
     return [_message(index, raw) for index, raw in enumerate(messages)]
 
 
@@ -117,10 +128,17 @@ def _message(index: int, raw: Any) -> Message:
     # Every call validates its messages: the checks go cheapest first (a dict before the
     # Mapping ABC), and a plain text message is built without the general path.
     if type(raw) is not dict and not isinstance(raw, Mapping):
-        raise LLMBadRequestError(f"messages[{index}] must be a dict with role and content")
+        raise LLMBadRequestError(
+            f"messages[{index}] must be a dict with role and content", field=f"messages[{index}]"
+        )
     role = raw.get("role")
     if not isinstance(role, str) or role not in ROLES:  # an unhashable role must not be a TypeError
-        raise LLMBadRequestError(f"messages[{index}].role must be one of {sorted(ROLES)}, got {role!r}")
+        role = ROLE_ALIASES.get(role) if isinstance(role, str) else None
+        if role is None:
+            raise LLMBadRequestError(
+                f"messages[{index}].role must be one of {_ROLE_NAMES}, got {raw.get('role')!r}",
+                field=f"messages[{index}].role",
+            )
     content = raw.get("content")
     if type(content) is str and role != "tool" and len(raw) == 2:  # {"role", "content": "text"}
         return Message(role=cast(Role, role), parts=(TextPart(content),))
@@ -132,7 +150,9 @@ def _message(index: int, raw: Any) -> Message:
     )
     tool_call_id = raw.get("tool_call_id")
     if role == "tool" and not isinstance(tool_call_id, str):
-        raise LLMBadRequestError(f"{where}.tool_call_id is required for a tool result")
+        raise LLMBadRequestError(
+            f"{where}.tool_call_id is required for a tool result", field=f"{where}.tool_call_id"
+        )
     name = raw.get("name")
     return Message(role=cast(Role, role), parts=parts, tool_calls=tool_calls, tool_call_id=tool_call_id,
                    name=name if isinstance(name, str) else None)  # fmt: skip
@@ -144,7 +164,9 @@ def _parts(where: str, content: Any, *, allow_empty: bool) -> tuple[Part, ...]:
     if isinstance(content, str):
         return (TextPart(content),)
     if not isinstance(content, list) or (not content and not allow_empty):
-        raise LLMBadRequestError(f"{where}.content must be a string or a non-empty list of parts")
+        raise LLMBadRequestError(
+            f"{where}.content must be a string or a non-empty list of parts", field=f"{where}.content"
+        )
     return tuple(_part(f"{where}.content[{i}]", part) for i, part in enumerate(content))
 
 
@@ -152,11 +174,11 @@ def _part(where: str, part: Any) -> Part:
     if isinstance(part, str):
         return TextPart(part)
     if not isinstance(part, Mapping):
-        raise LLMBadRequestError(f"{where} must be a text or image part")
+        raise LLMBadRequestError(f"{where} must be a text or image part", field=where)
     kind = part.get("type")
     if kind == "text":
         if not isinstance(part.get("text"), str):
-            raise LLMBadRequestError(f"{where}.text must be a string")
+            raise LLMBadRequestError(f"{where}.text must be a string", field=f"{where}.text")
         return TextPart(part["text"])
     if kind in ("image", "image_url"):
         url = part.get("url")
@@ -169,10 +191,21 @@ def _part(where: str, part: Any) -> Part:
         if isinstance(data, bytes | bytearray):
             mime = part.get("mime_type")
             if not isinstance(mime, str) or "/" not in mime:
-                raise LLMBadRequestError(f"{where}.mime_type is required with image bytes (e.g. image/png)")
+                raise LLMBadRequestError(
+                    f"{where}.mime_type is required with image bytes (e.g. image/png)",
+                    field=f"{where}.mime_type",
+                )
             return ImagePart(data=bytes(data), mime_type=mime)
-        raise LLMBadRequestError(f"{where} needs a url or data (bytes) with a mime_type")
-    raise LLMBadRequestError(f"{where}.type must be 'text' or 'image', got {kind!r}")
+        # Point at the url: it is what a JSON caller can send (bytes are for Python callers).
+        missing = f"{where}.url"
+        if kind == "image_url":
+            missing = (
+                f"{where}.image_url.url"
+                if isinstance(part.get("image_url"), Mapping)
+                else f"{where}.image_url"
+            )
+        raise LLMBadRequestError(f"{where} needs a url or data (bytes) with a mime_type", field=missing)
+    raise LLMBadRequestError(f"{where}.type must be 'text' or 'image', got {kind!r}", field=f"{where}.type")
 
 
 def _tool_call(where: str, raw: Any) -> ToolCall:
@@ -188,10 +221,11 @@ def _tool_call(where: str, raw: Any) -> ToolCall:
             try:
                 arguments = json.loads(arguments or "{}")
             except json.JSONDecodeError:
-                raise LLMBadRequestError(f"{where}.arguments is not valid JSON") from None
+                at = f"{where}.function.arguments" if isinstance(nested, Mapping) else f"{where}.arguments"
+                raise LLMBadRequestError(f"{where}.arguments is not valid JSON", field=at) from None
         if isinstance(name, str) and isinstance(arguments, dict):
             return ToolCall(id=str(raw.get("id") or name), name=name, arguments=arguments)
-    raise LLMBadRequestError(f"{where} must be a ToolCall or {{id, name, arguments}}")
+    raise LLMBadRequestError(f"{where} must be a ToolCall or {{id, name, arguments}}", field=where)
 
 
 def system_text(messages: Iterable[Message]) -> str | None:
