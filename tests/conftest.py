@@ -23,11 +23,11 @@ from pytest_httpserver import HTTPServer
 from app import create_app
 from app.config import DEFAULTS
 from app.services import reset_services
+from tests.payloads import chat_completion
 from tests.servers import (
-    KeepAliveServer,
     PostgresServer,
     RedisServer,
-    chat_completion,
+    ScriptedServer,
     free_port,
     start_postgres,
     start_redis,
@@ -111,11 +111,22 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def keepalive_server() -> Iterator[KeepAliveServer]:
-    """An HTTP/1.1 server that keeps connections alive, like a real provider: shows connection reuse."""
-    server = KeepAliveServer()
+def upstream() -> Iterator[ScriptedServer]:
+    """The test's own scripted upstream (OpenAI, Gemini, Anthropic...): real HTTP/1.1, kept alive.
+
+    One per test rather than one per session: it starts and stops in about a
+    millisecond, and a late request of one test (an SDK retry in flight, a
+    hung call) can never land in the next test's record.
+    """
+    server = ScriptedServer()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def keepalive_server(upstream: ScriptedServer) -> ScriptedServer:
+    """``upstream`` under the name older tests use for connection-reuse checks."""
+    return upstream
 
 
 class LocalHTTPServer(HTTPServer):
@@ -136,7 +147,7 @@ def local_server() -> Iterator[HTTPServer]:
     """A threaded HTTP server on 127.0.0.1 of the test's own.
 
     werkzeug closes every connection after a response, so tests about
-    connection reuse use ``keepalive_server``.
+    connection reuse use ``upstream`` (new tests should use it throughout).
     """
     server = LocalHTTPServer(host="127.0.0.1", port=0, threaded=True)
     server.start()

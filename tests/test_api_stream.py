@@ -1,11 +1,11 @@
 """``POST /api/chat`` with ``"stream": true``: Server-Sent Events from a real streaming upstream.
 
-The upstream is :class:`StreamingUpstream`, a local HTTP/1.1 server speaking
-the OpenAI streaming protocol (``chat.completion.chunk`` SSE events in a
-chunked body, a usage chunk, ``data: [DONE]``). Its handlers write chunk by
-chunk, can wait on the test between chunks, break the connection mid-body,
-and record whether the client closed the connection before they sent
-everything. The app is driven through the Flask test client and through a
+The upstream is the ``upstream`` fixture (:class:`tests.servers.ScriptedServer`)
+speaking the OpenAI streaming protocol (``chat.completion.chunk`` SSE events
+in a chunked body, a usage chunk, ``data: [DONE]``). Its scripted replies
+write chunk by chunk, can wait on the test between chunks, break the
+connection mid-body, and record whether the client closed the connection
+before they sent everything. The app is driven through the Flask test client and through a
 real gunicorn worker.
 """
 
@@ -17,22 +17,23 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import CANARY_KEY
-from tests.servers import free_port
+from tests.payloads import openai_chunk, sse_data
+from tests.servers import CLOSE, Chunk, Reply, free_port
 from tests.test_gunicorn import clean_env, run_gunicorn, wait_until_listening
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 WAIT = 10.0  # seconds any side waits for the other before giving up (a failure, never a hang)
 
 
-# --- the streaming upstream --------------------------------------------------------
+# --- the streaming upstream (tests.servers.ScriptedServer) ---------------------------
+
+CHAT_PATH = "/v1/chat/completions"
 
 
 def chunk(
@@ -42,29 +43,21 @@ def chunk(
     tool_calls: list[dict[str, Any]] | None = None,
     usage: dict[str, int] | None = None,
     role: str | None = None,
-    model: str = "gpt-4o-mini-2024-07-18",
 ) -> dict[str, Any]:
-    """One ``chat.completion.chunk`` as the OpenAI API streams it."""
-    delta: dict[str, Any] = {}
-    if role:
-        delta["role"] = role
-    if content is not None:
-        delta["content"] = content
-    if tool_calls is not None:
-        delta["tool_calls"] = tool_calls
-    choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-    return {
-        "id": "chatcmpl-stream-1",
-        "object": "chat.completion.chunk",
-        "created": 1_700_000_000,
-        "model": model,
-        "system_fingerprint": "fp_1",
-        "choices": choices,
-        "usage": usage,
-    }
+    """One ``chat.completion.chunk`` (:func:`tests.payloads.openai_chunk`), by its delta's fields."""
+    if usage:
+        return {**openai_chunk(), "choices": [], "usage": usage}
+    fields = (("role", role), ("content", content), ("tool_calls", tool_calls))
+    return openai_chunk({name: value for name, value in fields if value is not None}, finish)
 
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+DONE = sse_data("[DONE]")
+
+
+def as_sse(*chunks: dict[str, Any]) -> list[Chunk]:
+    """Each chunk as one SSE event, written and flushed on its own."""
+    return [sse_data(item) for item in chunks]
 
 
 def text_answer(*texts: str) -> list[dict[str, Any]]:
@@ -77,157 +70,23 @@ def text_answer(*texts: str) -> list[dict[str, Any]]:
     ]
 
 
-@dataclass
-class Exchange:
-    """One request the upstream served, and how its answer ended."""
-
-    body: dict[str, Any]
-    headers: dict[str, str]
-    chunks_sent: int = 0
-    #: "complete", "broken" (the handler cut it), or "client_closed" (a write failed).
-    outcome: str | None = None
-    finished: threading.Event = field(default_factory=threading.Event)
-
-
-class Writer:
-    """What a script uses to answer: SSE events in a chunked body, written and flushed one by one."""
-
-    def __init__(self, handler: BaseHTTPRequestHandler, exchange: Exchange) -> None:
-        self._handler = handler
-        self.exchange = exchange
-        self._started = False
-
-    def _write(self, data: bytes) -> None:
-        self._handler.wfile.write(data)
-        self._handler.wfile.flush()
-
-    def start(self) -> None:
-        self._handler.send_response(200)
-        self._handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self._handler.send_header("Transfer-Encoding", "chunked")
-        self._handler.send_header("Cache-Control", "no-cache")
-        self._handler.end_headers()
-        self._started = True
-
-    def event(self, data: dict[str, Any] | str) -> None:
-        if not self._started:
-            self.start()
-        payload = data if isinstance(data, str) else json.dumps(data)
-        body = f"data: {payload}\n\n".encode()
-        self._write(b"%x\r\n%s\r\n" % (len(body), body))
-        self.exchange.chunks_sent += 1
-
-    def events(self, items: Iterable[dict[str, Any]]) -> None:
-        for item in items:
-            self.event(item)
-
-    def done(self) -> None:
-        self.event("[DONE]")
-        self._write(b"0\r\n\r\n")
-
-    def error(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self._handler.send_response(status)
-        self._handler.send_header("Content-Type", "application/json")
-        for name, value in (headers or {}).items():
-            self._handler.send_header(name, value)
-        self._handler.send_header("Content-Length", str(len(data)))
-        self._handler.end_headers()
-        self._write(data)
-
-    def cut(self) -> None:
-        """Drop the connection in the middle of the body, as a crashing proxy does."""
-        self._handler.close_connection = True
-        self._handler.connection.shutdown(socket.SHUT_RDWR)
-
-
-Script = Callable[[Writer], None]
-
-
-class StreamingUpstream:
-    """A threaded HTTP/1.1 server on 127.0.0.1 that answers each request with ``script(writer)``."""
-
-    def __init__(self) -> None:
-        self.script: Script = answer("hi")
-        self.exchanges: list[Exchange] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                exchange = Exchange(body, {k.lower(): v for k, v in self.headers.items()})
-                owner.exchanges.append(exchange)
-                try:
-                    owner.script(Writer(self, exchange))
-                    exchange.outcome = exchange.outcome or "complete"
-                except (BrokenPipeError, ConnectionResetError):
-                    exchange.outcome = "client_closed"
-                    self.close_connection = True
-                except OSError:
-                    exchange.outcome = "broken"
-                    self.close_connection = True
-                finally:
-                    exchange.finished.set()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def url_for(self, path: str) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
-
-    def only_exchange(self) -> Exchange:
-        assert len(self.exchanges) == 1, f"{len(self.exchanges)} upstream requests"
-        return self.exchanges[0]
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def answer(*texts: str) -> Script:
+def answer(*texts: str) -> Reply:
     """A plain streamed answer of ``texts``."""
-
-    def script(w: Writer) -> None:
-        w.events(text_answer(*texts))
-        w.done()
-
-    return script
+    return Reply.stream([*as_sse(*text_answer(*texts)), DONE])
 
 
-def trickle(count: int, interval: float = 0.02) -> Script:
+def trickle(count: int, interval: float = 0.02) -> Reply:
     """A long answer: one text chunk every ``interval`` s, ``count`` of them, then the end."""
-
-    def script(w: Writer) -> None:
-        w.event(chunk(role="assistant", content=""))
-        for index in range(count):
-            w.event(chunk(f"t{index} "))
-            time.sleep(interval)
-        w.events([chunk(finish="stop"), chunk(usage=USAGE)])
-        w.done()
-
-    return script
+    body: list[Chunk] = as_sse(chunk(role="assistant", content=""))
+    for index in range(count):
+        body += [*as_sse(chunk(f"t{index} ")), interval]
+    return Reply.stream([*body, *as_sse(chunk(finish="stop"), chunk(usage=USAGE)), DONE])
 
 
-def cut_after_first_delta(w: Writer) -> None:
-    w.events([chunk(role="assistant", content=""), chunk("partial")])
-    time.sleep(0.1)
-    w.cut()
-    w.exchange.outcome = "broken"
-
-
-@pytest.fixture
-def upstream() -> Iterator[StreamingUpstream]:
-    server = StreamingUpstream()
-    yield server
-    server.stop()
+#: Drop the connection in the middle of the body, as a crashing proxy does.
+CUT_AFTER_FIRST_DELTA = Reply.stream(
+    [*as_sse(chunk(role="assistant", content=""), chunk("partial")), 0.1, CLOSE]
+)
 
 
 @pytest.fixture
@@ -296,21 +155,17 @@ def assert_json_error(response, status: int, kind: str) -> dict[str, Any]:
 def test_stream_sends_one_event_per_delta_then_done_with_usage(stream_app, upstream):
     released = threading.Event()
 
-    def script(w: Writer) -> None:
-        w.events([chunk(role="assistant", content=""), chunk("Hel")])
-        # The rest only once the test has read the first delta: the view flushes it, it does not buffer.
-        w.exchange.outcome = None if released.wait(WAIT) else "timed_out"
-        w.events([chunk("lo"), chunk(" there"), chunk(finish="stop"), chunk(usage=USAGE)])
-        w.done()
-
-    upstream.script = script
+    first = as_sse(chunk(role="assistant", content=""), chunk("Hel"))
+    rest = as_sse(chunk("lo"), chunk(" there"), chunk(finish="stop"), chunk(usage=USAGE))
+    # The rest only once the test has read the first delta: the view flushes it, it does not buffer.
+    upstream.script(CHAT_PATH, Reply.stream([*first, released, *rest, DONE]))
 
     response = post_stream(stream_app, {"messages": MESSAGES, "model": "openai/gpt-4o-mini"})
 
     assert_sse_headers(response)
     events = sse_events(body_lines(response))
     assert next(events) == ("delta", {"text": "Hel"})
-    assert upstream.only_exchange().outcome is None  # the upstream is still waiting for us
+    assert upstream.only_request().outcome is None  # the upstream is still waiting for us
     released.set()
     assert list(events) == [
         ("delta", {"text": "lo"}),
@@ -327,18 +182,18 @@ def test_stream_sends_one_event_per_delta_then_done_with_usage(stream_app, upstr
         ),
     ]
     response.close()
-    exchange = upstream.only_exchange()
+    exchange = upstream.only_request()
     assert exchange.finished.wait(WAIT)
     assert exchange.outcome == "complete"
-    assert exchange.body["stream"] is True
-    assert exchange.body["stream_options"] == {"include_usage": True}
-    assert exchange.body["model"] == "gpt-4o-mini"
-    assert exchange.body["messages"] == MESSAGES
+    assert exchange.json["stream"] is True
+    assert exchange.json["stream_options"] == {"include_usage": True}
+    assert exchange.json["model"] == "gpt-4o-mini"
+    assert exchange.json["messages"] == MESSAGES
     assert exchange.headers["authorization"] == f"Bearer {CANARY_KEY}"
 
 
 def test_stream_with_the_old_profile_field(make_app, upstream):
-    upstream.script = answer("via profile")
+    upstream.script(CHAT_PATH, answer("via profile"))
     app = make_app(
         OPENAI_API_KEY=CANARY_KEY,
         OPENAI_PROFILES={"local": {"base_url": upstream.url_for("/v1"), "api_key": "sk-" + "4" * 24}},
@@ -351,25 +206,21 @@ def test_stream_with_the_old_profile_field(make_app, upstream):
     assert events[0] == ("delta", {"text": "via profile"})
     assert events[-1][0] == "done"
     assert events[-1][1]["provider"] == "local"
-    assert upstream.only_exchange().body["model"] == "llama3"
-    assert upstream.only_exchange().headers["authorization"] == "Bearer sk-" + "4" * 24
+    assert upstream.only_request().json["model"] == "llama3"
+    assert upstream.only_request().headers["authorization"] == "Bearer sk-" + "4" * 24
 
 
 def test_streamed_tool_calls_arrive_in_the_done_event(stream_app, upstream):
-    def script(w: Writer) -> None:
-        w.events([
-            chunk(role="assistant", tool_calls=[{"index": 0, "id": "call_1", "type": "function",
-                                                 "function": {"name": "get_weather", "arguments": ""}}]),
-            chunk(tool_calls=[{"index": 0, "function": {"arguments": '{"city": '}}]),
-            chunk(tool_calls=[{"index": 0, "function": {"arguments": '"Paris"}'}}]),
-            chunk(tool_calls=[{"index": 1, "id": "call_2", "type": "function",
-                               "function": {"name": "get_time", "arguments": "{}"}}]),
-            chunk(finish="tool_calls"),
-            chunk(usage=USAGE),
-        ])  # fmt: skip
-        w.done()
-
-    upstream.script = script
+    upstream.script(CHAT_PATH, Reply.stream([*as_sse(
+        chunk(role="assistant", tool_calls=[{"index": 0, "id": "call_1", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": ""}}]),
+        chunk(tool_calls=[{"index": 0, "function": {"arguments": '{"city": '}}]),
+        chunk(tool_calls=[{"index": 0, "function": {"arguments": '"Paris"}'}}]),
+        chunk(tool_calls=[{"index": 1, "id": "call_2", "type": "function",
+                           "function": {"name": "get_time", "arguments": "{}"}}]),
+        chunk(finish="tool_calls"),
+        chunk(usage=USAGE),
+    ), DONE]))  # fmt: skip
     tools = [
         {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
         {"type": "function", "function": {"name": "get_time", "description": "Now."}},
@@ -385,13 +236,13 @@ def test_streamed_tool_calls_arrive_in_the_done_event(stream_app, upstream):
         {"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}},
         {"id": "call_2", "name": "get_time", "arguments": {}},
     ]
-    sent = upstream.only_exchange().body
+    sent = upstream.only_request().json
     assert [tool["function"]["name"] for tool in sent["tools"]] == ["get_weather", "get_time"]
     assert all(tool["type"] == "function" for tool in sent["tools"])
 
 
 def test_streamed_structured_output_is_parsed_in_the_done_event(stream_app, upstream):
-    upstream.script = answer('{"answer": ', "42}")
+    upstream.script(CHAT_PATH, answer('{"answer": ', "42}"))
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}}
 
     response = post_stream(
@@ -401,11 +252,11 @@ def test_streamed_structured_output_is_parsed_in_the_done_event(stream_app, upst
     events = list(sse_events(body_lines(response)))
     assert [name for name, _ in events] == ["delta", "delta", "done"]
     assert events[-1][1]["parsed"] == {"answer": 42}
-    assert upstream.only_exchange().body["response_format"]["type"] == "json_schema"
+    assert upstream.only_request().json["response_format"]["type"] == "json_schema"
 
 
 def test_upstream_breaking_mid_stream_is_an_error_event(stream_app, upstream):
-    upstream.script = cut_after_first_delta
+    upstream.script(CHAT_PATH, CUT_AFTER_FIRST_DELTA)
 
     response = post_stream(stream_app, {"messages": MESSAGES, "model": "openai/gpt-4o"})
 
@@ -419,7 +270,7 @@ def test_upstream_breaking_mid_stream_is_an_error_event(stream_app, upstream):
     assert data["error"]["status"] == 502
     assert data["error"]["message"]
     assert "Traceback" not in text
-    assert len(upstream.exchanges) == 1  # no retry
+    assert len(upstream.requests) == 1  # no retry
 
 
 @pytest.mark.parametrize(
@@ -432,11 +283,12 @@ def test_upstream_breaking_mid_stream_is_an_error_event(stream_app, upstream):
     ],
 )  # fmt: skip
 def test_an_error_event_from_the_upstream_is_an_error_event(stream_app, upstream, error, kind, status):
-    def script(w: Writer) -> None:
-        w.events([chunk(role="assistant", content=""), chunk("partial"), {"error": error}])
-        w.done()
-
-    upstream.script = script
+    upstream.script(
+        CHAT_PATH,
+        Reply.stream(
+            [*as_sse(chunk(role="assistant", content=""), chunk("partial"), {"error": error}), DONE]
+        ),
+    )
 
     events = list(sse_events(body_lines(post_stream(stream_app, {"messages": MESSAGES, "model": "m"}))))
 
@@ -447,11 +299,12 @@ def test_an_error_event_from_the_upstream_is_an_error_event(stream_app, upstream
 
 
 def test_an_error_event_before_the_first_delta_is_a_json_error(stream_app, upstream):
-    def script(w: Writer) -> None:
-        w.event({"error": {"message": "overloaded", "type": "server_error", "code": None}})
-        w.done()
-
-    upstream.script = script
+    upstream.script(
+        CHAT_PATH,
+        Reply.stream(
+            [*as_sse({"error": {"message": "overloaded", "type": "server_error", "code": None}}), DONE]
+        ),
+    )
 
     assert_json_error(post_stream(stream_app, {"messages": MESSAGES, "model": "m"}), 502, "upstream_error")
 
@@ -465,11 +318,9 @@ def test_upstream_stalling_mid_stream_is_a_timeout_event(make_app, upstream):
     )
     release = threading.Event()
 
-    def script(w: Writer) -> None:
-        w.events([chunk(role="assistant", content=""), chunk("slow")])
-        release.wait(WAIT)
-
-    upstream.script = script
+    upstream.script(
+        CHAT_PATH, Reply.stream([*as_sse(chunk(role="assistant", content=""), chunk("slow")), release])
+    )
     try:
         events = list(sse_events(body_lines(post_stream(app, {"messages": MESSAGES, "model": "m"}))))
     finally:
@@ -482,7 +333,7 @@ def test_upstream_stalling_mid_stream_is_a_timeout_event(make_app, upstream):
 
 
 def test_structured_output_that_does_not_parse_is_an_error_event(stream_app, upstream):
-    upstream.script = answer("not json")
+    upstream.script(CHAT_PATH, answer("not json"))
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}}
 
     response = post_stream(stream_app, {"messages": MESSAGES, "model": "m", "response_format": schema})
@@ -511,7 +362,7 @@ def test_invalid_stream_request_is_a_json_400(stream_app, upstream, body, field)
 
     error = assert_json_error(response, 400, "invalid_request")
     assert error["field"] == field
-    assert upstream.exchanges == []
+    assert upstream.requests == []
 
 
 def test_stream_not_configured_is_a_json_503(make_app, upstream):
@@ -520,12 +371,16 @@ def test_stream_not_configured_is_a_json_503(make_app, upstream):
     error = assert_json_error(post_stream(app, {"messages": MESSAGES, "model": "m"}), 503, "not_configured")
 
     assert error["setting"] == "OPENAI_API_KEY"
-    assert upstream.exchanges == []
+    assert upstream.requests == []
 
 
 def test_stream_upstream_401_is_a_json_502(stream_app, upstream):
-    upstream.script = lambda w: w.error(
-        401, {"error": {"message": f"Incorrect API key provided: {CANARY_KEY}", "code": "invalid_api_key"}}
+    upstream.script(
+        CHAT_PATH,
+        Reply(
+            401,
+            {"error": {"message": f"Incorrect API key provided: {CANARY_KEY}", "code": "invalid_api_key"}},
+        ),
     )
 
     response = post_stream(stream_app, {"messages": MESSAGES, "model": "m"})
@@ -535,20 +390,20 @@ def test_stream_upstream_401_is_a_json_502(stream_app, upstream):
 
 
 def test_stream_upstream_429_is_a_json_429_with_retry_after(stream_app, upstream):
-    upstream.script = lambda w: w.error(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "1200"})
+    upstream.script(CHAT_PATH, Reply(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "1200"}))
 
     response = post_stream(stream_app, {"messages": MESSAGES, "model": "m"})
 
     assert_json_error(response, 429, "rate_limited")
     assert response.headers["Retry-After"] == "2"
-    assert len(upstream.exchanges) == 1
+    assert len(upstream.requests) == 1
 
 
 def test_stream_upstream_400_is_a_json_400(stream_app, upstream):
-    upstream.script = lambda w: w.error(
+    upstream.script(CHAT_PATH, Reply(
         400, {"error": {"message": "This model's maximum context length is 8192 tokens",
                         "code": "context_length_exceeded"}},
-    )  # fmt: skip
+    ))  # fmt: skip
 
     error = assert_json_error(post_stream(stream_app, {"messages": MESSAGES, "model": "m"}), 400,
                               "upstream_rejected")  # fmt: skip
@@ -559,12 +414,8 @@ def test_stream_upstream_400_is_a_json_400(stream_app, upstream):
 
 
 def test_upstream_failing_before_the_first_delta_is_a_json_error(stream_app, upstream):
-    def script(w: Writer) -> None:
-        w.event(chunk(role="assistant", content=""))  # headers and a first event, but no text yet
-        w.cut()
-        w.exchange.outcome = "broken"
-
-    upstream.script = script
+    # Headers and a first event, but no text yet, then the connection drops.
+    upstream.script(CHAT_PATH, Reply.stream([*as_sse(chunk(role="assistant", content="")), CLOSE]))
 
     response = post_stream(stream_app, {"messages": MESSAGES, "model": "m"})
 
@@ -576,7 +427,7 @@ def test_upstream_failing_before_the_first_delta_is_a_json_error(stream_app, ups
 
 
 def test_closing_the_response_early_closes_the_upstream(stream_app, upstream):
-    upstream.script = trickle(250)  # 5 s of chunks
+    upstream.script(CHAT_PATH, trickle(250))  # 5 s of chunks
 
     response = post_stream(stream_app, {"messages": MESSAGES, "model": "m"})
     events = sse_events(body_lines(response))
@@ -585,7 +436,7 @@ def test_closing_the_response_early_closes_the_upstream(stream_app, upstream):
     started = time.monotonic()
     response.close()
 
-    exchange = upstream.only_exchange()
+    exchange = upstream.only_request()
     assert exchange.finished.wait(WAIT)
     assert exchange.outcome == "client_closed"
     assert exchange.chunks_sent < 100
@@ -593,13 +444,13 @@ def test_closing_the_response_early_closes_the_upstream(stream_app, upstream):
 
 
 def test_closing_the_response_before_reading_closes_the_upstream(stream_app, upstream):
-    upstream.script = trickle(250)
+    upstream.script(CHAT_PATH, trickle(250))
 
     response = post_stream(stream_app, {"messages": MESSAGES, "model": "m"})
     assert_sse_headers(response)
     response.close()  # the app pulled the first delta; the body generator never ran
 
-    exchange = upstream.only_exchange()
+    exchange = upstream.only_request()
     assert exchange.finished.wait(WAIT)
     assert exchange.outcome == "client_closed"
     assert exchange.chunks_sent < 100
@@ -640,13 +491,9 @@ def http_lines(response: Any) -> Iterator[str]:
 def test_gunicorn_sends_each_delta_before_the_upstream_finishes(gunicorn_server, upstream):
     released = threading.Event()
 
-    def script(w: Writer) -> None:
-        w.events([chunk(role="assistant", content=""), chunk("first")])
-        w.exchange.outcome = None if released.wait(WAIT) else "timed_out"
-        w.events([chunk(" second"), chunk(finish="stop"), chunk(usage=USAGE)])
-        w.done()
-
-    upstream.script = script
+    first = as_sse(chunk(role="assistant", content=""), chunk("first"))
+    rest = as_sse(chunk(" second"), chunk(finish="stop"), chunk(usage=USAGE))
+    upstream.script(CHAT_PATH, Reply.stream([*first, released, *rest, DONE]))
 
     connection, response = open_stream(gunicorn_server.port, {"messages": MESSAGES, "model": "openai/m"})
     try:
@@ -656,7 +503,7 @@ def test_gunicorn_sends_each_delta_before_the_upstream_finishes(gunicorn_server,
         assert response.getheader("Cache-Control") == "no-cache"
         events = sse_events(http_lines(response))
         assert next(events) == ("delta", {"text": "first"})  # through gunicorn, while the upstream waits
-        exchange = upstream.only_exchange()
+        exchange = upstream.only_request()
         assert not exchange.finished.is_set()
         released.set()
         rest = list(events)
@@ -675,7 +522,7 @@ def test_gunicorn_sends_each_delta_before_the_upstream_finishes(gunicorn_server,
 
 @pytest.mark.slow
 def test_gunicorn_client_disconnect_closes_the_upstream(gunicorn_server, upstream):
-    upstream.script = trickle(500)  # 10 s of chunks
+    upstream.script(CHAT_PATH, trickle(500))  # 10 s of chunks
 
     with socket.create_connection(("127.0.0.1", gunicorn_server.port), timeout=WAIT) as client:
         body = json.dumps({"stream": True, "messages": MESSAGES, "model": "m"}).encode()
@@ -692,14 +539,14 @@ def test_gunicorn_client_disconnect_closes_the_upstream(gunicorn_server, upstrea
         assert b"event: delta" in received
     closed_at = time.monotonic()
 
-    exchange = upstream.only_exchange()
+    exchange = upstream.only_request()
     assert exchange.finished.wait(WAIT), "the upstream was still sending 10 s after the client left"
     assert exchange.outcome == "client_closed"
     assert exchange.chunks_sent < 300
     assert time.monotonic() - closed_at < 5
 
     # The worker lives on and serves the next request.
-    upstream.script = answer("again")
+    upstream.script(CHAT_PATH, answer("again"))
     connection, response = open_stream(gunicorn_server.port, {"messages": MESSAGES, "model": "m"})
     try:
         assert [name for name, _ in sse_events(http_lines(response))] == ["delta", "done"]

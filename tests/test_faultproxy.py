@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.faultproxy import FaultProxy
-from tests.servers import KeepAliveServer, PostgresServer, RedisServer, free_port
+from tests.servers import PostgresServer, RedisServer, ScriptedServer, free_port
 
 #: Generous upper bound for "it happened at once / within its timeout" on a loaded 2-core machine.
 SLACK = 3.0
@@ -256,10 +256,10 @@ def test_reset_after_sends_exactly_n_bytes_then_a_rst(
 
 
 def test_reset_after_counts_from_the_switch_on_a_connection_in_progress(
-    keepalive_server: KeepAliveServer,
+    upstream: ScriptedServer,
 ) -> None:
     request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}"
-    with FaultProxy(("127.0.0.1", keepalive_server.port)) as proxy:
+    with FaultProxy(("127.0.0.1", upstream.port)) as proxy:
         with socket.create_connection(proxy.address, timeout=5) as sock:
             sock.sendall(request)
             first = read_response(sock)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -12,45 +11,15 @@ import pytest
 
 from app.services.openai_service import get_openai_client
 from tests.conftest import CANARY_KEY
+from tests.servers import ScriptedServer
 
 HEALTH_JSON = "application/health+json"
 
 
-class HungServer:
-    """A TCP listener on 127.0.0.1 that accepts connections and never answers."""
-
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = int(self.listener.getsockname()[1])
-        self.accepted: list[socket.socket] = []
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="hung-server", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        self.listener.settimeout(0.05)
-        while not self._stopping.is_set():
-            try:
-                connection, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted.append(connection)  # held open, never read from, never written to
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=5)
-        self.listener.close()
-        for connection in self.accepted:
-            connection.close()
-
-
 @pytest.fixture
-def hung_server() -> Iterator[HungServer]:
-    server = HungServer()
+def hung_server() -> Iterator[ScriptedServer]:
+    """A peer that accepts connections and never answers (redis, PostgreSQL alike)."""
+    server = ScriptedServer(mute=True)
     yield server
     server.stop()
 
@@ -82,8 +51,8 @@ def test_livez_passes_while_a_required_dependency_is_down(make_app, disposable_r
     assert response.json == {"status": "pass"}
 
 
-def test_readyz_on_sqlite_without_redis_passes_and_calls_no_provider(make_app, local_server):
-    app = make_app(OPENAI_BASE_URL=local_server.url_for("/v1"), OPENAI_API_KEY=CANARY_KEY)
+def test_readyz_on_sqlite_without_redis_passes_and_calls_no_provider(make_app, upstream):
+    app = make_app(OPENAI_BASE_URL=upstream.url_for("/v1"), OPENAI_API_KEY=CANARY_KEY)
 
     response, body = _get_readyz(app)
 
@@ -108,20 +77,20 @@ def test_readyz_on_sqlite_without_redis_passes_and_calls_no_provider(make_app, l
     assert checks["gemini:configured"]["observedValue"] is False
     assert checks["gemini:configured"]["output"] == "not configured (GEMINI_API_KEY)"
     # Reported as configured, never probed: the provider saw nothing, no client was built.
-    assert local_server.log == []
+    assert upstream.requests == []
     assert app.extensions["openai_service"].info()["default"]["client_built"] is False
     assert CANARY_KEY not in response.get_data(as_text=True)
 
 
-def test_readyz_reports_each_openai_profile(make_app, local_server):
-    profiles = {"local": {"base_url": local_server.url_for("/v1"), "api_key_env": "LOCAL_LLM_KEY"}}
+def test_readyz_reports_each_openai_profile(make_app, upstream):
+    profiles = {"local": {"base_url": upstream.url_for("/v1"), "api_key_env": "LOCAL_LLM_KEY"}}
     app = make_app(OPENAI_PROFILES=profiles)
     _, body = _get_readyz(app)
     checks = _checks(body)
     assert checks["openai:default:configured"]["output"] == "not configured (OPENAI_API_KEY)"
     assert checks["openai:local:configured"]["observedValue"] is False
     assert checks["openai:local:configured"]["output"] == "not configured (LOCAL_LLM_KEY)"
-    assert local_server.log == []
+    assert upstream.requests == []
 
 
 def test_readyz_with_redis_passes_then_fails_when_redis_stops(make_app, disposable_redis):
@@ -218,7 +187,7 @@ def test_hung_redis_fails_within_the_check_timeout(make_app, hung_server):
     redis_check = _checks(body)["redis:responseTime"]
     assert redis_check["status"] == "fail"
     assert redis_check["output"] == "no answer within 0.5 s"
-    assert hung_server.accepted, "the probe never reached the hung server"
+    assert hung_server.accepted >= 1, "the probe never reached the hung server"
 
 
 @pytest.mark.postgres
@@ -245,12 +214,12 @@ def test_two_hung_checks_cost_one_timeout_not_two(make_app, hung_server):
     checks = _checks(response.json)
     assert checks["database:responseTime"]["output"] == "no answer within 1.5 s"
     assert checks["redis:responseTime"]["output"] == "no answer within 1.5 s"
-    assert len(hung_server.accepted) >= 2
+    assert hung_server.accepted >= 2
     assert elapsed < 2.7
 
 
-def test_readyz_does_not_build_or_call_a_built_provider_client(make_app, local_server):
-    app = make_app(OPENAI_BASE_URL=local_server.url_for("/v1"), OPENAI_API_KEY=CANARY_KEY)
+def test_readyz_does_not_build_or_call_a_built_provider_client(make_app, upstream):
+    app = make_app(OPENAI_BASE_URL=upstream.url_for("/v1"), OPENAI_API_KEY=CANARY_KEY)
     with app.app_context():
         get_openai_client()  # even with a client at hand, the probe makes no paid call
 
@@ -258,4 +227,4 @@ def test_readyz_does_not_build_or_call_a_built_provider_client(make_app, local_s
 
     assert response.status_code == 200
     assert _checks(body)["openai:default:configured"]["observedValue"] is True
-    assert local_server.log == []
+    assert upstream.requests == []
