@@ -31,6 +31,7 @@ from app.llm import (
     LLMServerError,
     LLMTimeoutError,
 )
+from app.llm.client import get_llm
 from app.llm.testing import install_fake_llm
 from tests.conftest import CANARY_KEY
 
@@ -234,18 +235,25 @@ def test_developer_messages_are_the_layers_to_translate(openai_app, local_server
 # --- the errors themselves -------------------------------------------------------------
 
 
-def test_re_raising_a_validation_error_with_context_keeps_its_field():
-    """The layer adds provider and model to its validators' errors; the field must survive it."""
-    try:
-        try:
-            raise LLMBadRequestError("messages[0].role must be one of [...]", field="messages[0].role")
-        except LLMBadRequestError as exc:
-            raise LLMBadRequestError(exc.message, provider="openai", model="gpt-4o") from None
-    except LLMBadRequestError as error:
-        reraised = error
-
-    assert (reraised.field, reraised.provider, reraised.model) == ("messages[0].role", "openai", "gpt-4o")
-    assert reraised.kind == "invalid_request"
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages[0].role"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"response_format": "json"}, "response_format"),
+        ({"fallbacks": "openai/gpt-4o"}, "fallbacks"),
+        ({"model": "gpt-4o"}, "model"),
+    ],
+)
+def test_the_layer_names_the_field_and_adds_provider_and_model(app, call, field):
+    """The layer adds provider and model to its validators' errors; the field survives it."""
+    arguments = {"messages": [{"role": "user", "content": "Hi"}], "model": "openai/gpt-4o", **call}
+    with app.app_context(), pytest.raises(LLMBadRequestError) as caught:
+        get_llm().chat(arguments.pop("messages"), arguments.pop("model"), **arguments)
+    assert caught.value.field == field
+    assert caught.value.kind == "invalid_request"
+    if field not in {"model", "fallbacks"}:
+        assert (caught.value.provider, caught.value.model) == ("openai", "gpt-4o")
 
 
 def test_a_different_error_raised_while_handling_one_does_not_take_its_field():

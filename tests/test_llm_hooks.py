@@ -311,7 +311,12 @@ def test_llm_hooks_loads_hooks_by_path(make_app, upstream):
 
 @pytest.mark.parametrize(
     "value",
-    ["tests.test_llm_hooks", "no.such.module:hook", "tests.test_llm_hooks:missing", "tests.test_llm_hooks:MODES"],
+    [
+        "tests.test_llm_hooks",
+        "no.such.module:hook",
+        "tests.test_llm_hooks:missing",
+        "tests.test_llm_hooks:MODES",
+    ],
 )
 def test_a_bad_llm_hooks_entry_stops_start_up_naming_the_setting(make_app, value):
     with pytest.raises(ConfigError, match="LLM_HOOKS"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from flask import Flask, current_app
 
@@ -27,7 +27,7 @@ from app.llm.providers.base import ChatRequest, EmbedRequest, Provider
 from app.llm.resilience.settings import ResilienceSettings, parse_resilience_settings
 from app.llm.resilience.steps import run_async, run_sync
 from app.llm.streaming import AsyncChatStream, ChatStream
-from app.llm.structured import is_response_format
+from app.llm.structured import check_response_format
 from app.llm.tools import normalise_tool_choice, normalise_tools
 from app.llm.types import ChatResponse, normalise_messages
 
@@ -42,33 +42,24 @@ EXTENSION_KEY = "llm"
 OPENAI_PROVIDER = "openai"  # addresses the "default" OpenAI profile
 
 
-class ChatOptions(TypedDict):
-    """The keywords of a chat call that shape its request (the same for every model of the chain)."""
+class CallOptions(TypedDict, total=False):
+    """The keywords of ``chat``, ``achat``, ``chat_stream`` and ``achat_stream``."""
 
     temperature: float | None
     max_tokens: int | None
     tools: Sequence[Any] | None
     tool_choice: Any
     response_format: Any
+    #: Who is calling: sent to providers that take it (OpenAI ``user``), and seen by hooks.
     user: str | None
+    #: Whose account the call is on: seen by hooks (cache scope, usage, budgets), never sent.
+    tenant: str | None
+    fallbacks: Sequence[str] | None
 
 
-def _options(
-    temperature: float | None,
-    max_tokens: int | None,
-    tools: Sequence[Any] | None,
-    tool_choice: Any,
-    response_format: Any,
-    user: str | None,
-) -> ChatOptions:
-    return ChatOptions(
-        temperature=temperature,
-        max_tokens=max_tokens,
-        tools=tools,
-        tool_choice=tool_choice,
-        response_format=response_format,
-        user=user,
-    )
+#: The options that shape the request itself (the same for every model of the chain).
+_REQUEST_OPTIONS = ("temperature", "max_tokens", "tools", "tool_choice", "response_format", "user")
+_CALL_OPTIONS = frozenset(CallOptions.__annotations__)
 
 
 def split_model(model: str, *, setting: str = "model") -> tuple[str, str]:
@@ -76,7 +67,7 @@ def split_model(model: str, *, setting: str = "model") -> tuple[str, str]:
     provider, sep, name = model.partition("/")
     if not sep or not provider or not name:
         raise LLMBadRequestError(
-            f"{setting} must be 'provider/model' (e.g. 'openai/gpt-4o-mini'), got {model!r}"
+            f"{setting} must be 'provider/model' (e.g. 'openai/gpt-4o-mini'), got {model!r}", field=setting
         )
     return provider, name
 
@@ -207,26 +198,24 @@ class LLM:
     ) -> tuple[Provider, ChatRequest]:
         address = model or self.default_model
         if not address:
-            raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set")
+            raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set", field="model")
         provider_name, model_name = split_model(address)
         try:
             normalised = normalise_messages(messages)
             specs = normalise_tools(tools) if tools else []
             choice = normalise_tool_choice(tool_choice, specs) if tool_choice is not None else None
+            if response_format is not None:
+                check_response_format(response_format)
+            if max_tokens is not None and (
+                not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+            ):
+                raise LLMBadRequestError(
+                    f"max_tokens must be a positive integer, got {max_tokens!r}", field="max_tokens"
+                )
         except LLMBadRequestError as exc:
-            raise LLMBadRequestError(exc.message, provider=provider_name, model=model_name) from None
-        if response_format is not None and not is_response_format(response_format):
             raise LLMBadRequestError(
-                "response_format must be a pydantic model class or a JSON schema dict",
-                provider=provider_name,
-                model=model_name,
-            )
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise LLMBadRequestError(
-                f"max_tokens must be a positive integer, got {max_tokens!r}",
-                provider=provider_name,
-                model=model_name,
-            )
+                exc.message, field=exc.field, provider=provider_name, model=model_name
+            ) from None
         provider = self.provider(provider_name)
         request = ChatRequest(
             provider=provider_name,
@@ -263,34 +252,32 @@ class LLM:
     def _chain(self, model: str | None, fallbacks: Sequence[str] | None) -> list[str]:
         address = model or self.default_model
         if not address:
-            raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set")
+            raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set", field="model")
         extra = fallbacks if fallbacks is not None else self.resilience.fallbacks.get(address, ())
         if not extra:
             return [address]
         if isinstance(extra, str):
-            raise LLMBadRequestError("fallbacks must be a list of 'provider/model' names")
+            raise LLMBadRequestError("fallbacks must be a list of 'provider/model' names", field="fallbacks")
         return list(dict.fromkeys([address, *extra]))  # each model at most once
 
     def _prepare(
-        self,
-        kind: CallKind,
-        is_async: bool,
-        messages: Any,
-        model: str | None,
-        fallbacks: Sequence[str] | None,
-        options: ChatOptions,
+        self, kind: CallKind, is_async: bool, messages: Any, model: str | None, options: CallOptions
     ) -> tuple[LLMCall, list[str], Build]:
         """Validate the call (the primary model's request, now) and describe it for the hooks."""
-        chain = self._chain(model, fallbacks)
-        first = self._request(messages, chain[0], **options)
+        unknown = options.keys() - _CALL_OPTIONS
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        chain = self._chain(model, options.get("fallbacks"))
+        shape: dict[str, Any] = {name: options.get(name) for name in _REQUEST_OPTIONS}
+        first = self._request(messages, chain[0], **shape)
 
         def build(address: str) -> tuple[Provider, ChatRequest]:
             # The primary's request is built once; a fallback's only when it is needed.
-            return first if address == chain[0] else self._request(messages, address, **options)
+            return first if address == chain[0] else self._request(messages, address, **shape)
 
-        _provider, request = first
+        request = first[1]
         call = LLMCall(
-            kind, request.provider, request.model, request, options["user"], tenant=None, is_async=is_async
+            kind, request.provider, request.model, request, request.user, options.get("tenant"), is_async
         )
         return call, chain, build
 
@@ -306,91 +293,31 @@ class LLM:
     def remove_hook(self, hook: LLMHook) -> None:
         self.hooks.remove(hook)
 
-    def chat(
-        self,
-        messages: Any,
-        model: str | None = None,
-        *,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        tools: Sequence[Any] | None = None,
-        tool_choice: Any = None,
-        response_format: Any = None,
-        user: str | None = None,
-        tenant: str | None = None,
-        fallbacks: Sequence[str] | None = None,
-    ) -> ChatResponse:
-        call, chain, build = self._prepare(
-            "chat", False, messages, model, fallbacks,
-            _options(temperature, max_tokens, tools, tool_choice, response_format, user),
-        )  # fmt: skip
-        call.tenant = tenant
+    def chat(self, messages: Any, model: str | None = None, **options: Unpack[CallOptions]) -> ChatResponse:
+        """One answer: ``temperature``, ``max_tokens``, ``tools``, ``tool_choice``, ``response_format``,
+        ``user``, ``tenant``, ``fallbacks`` (see :class:`CallOptions`)."""
+        call, chain, build = self._prepare("chat", False, messages, model, options)
         return run_sync(self.pipeline.chat(call, chain, build))
 
     async def achat(
-        self,
-        messages: Any,
-        model: str | None = None,
-        *,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        tools: Sequence[Any] | None = None,
-        tool_choice: Any = None,
-        response_format: Any = None,
-        user: str | None = None,
-        tenant: str | None = None,
-        fallbacks: Sequence[str] | None = None,
+        self, messages: Any, model: str | None = None, **options: Unpack[CallOptions]
     ) -> ChatResponse:
-        call, chain, build = self._prepare(
-            "chat", True, messages, model, fallbacks,
-            _options(temperature, max_tokens, tools, tool_choice, response_format, user),
-        )  # fmt: skip
-        call.tenant = tenant
+        call, chain, build = self._prepare("chat", True, messages, model, options)
         return await run_async(self.pipeline.chat(call, chain, build))
 
     def chat_stream(
-        self,
-        messages: Any,
-        model: str | None = None,
-        *,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        tools: Sequence[Any] | None = None,
-        tool_choice: Any = None,
-        response_format: Any = None,
-        user: str | None = None,
-        tenant: str | None = None,
-        fallbacks: Sequence[str] | None = None,
+        self, messages: Any, model: str | None = None, **options: Unpack[CallOptions]
     ) -> ChatStream:
         """Open a stream now (retries and fallbacks happen here, before any text is returned)."""
-        call, chain, build = self._prepare(
-            "stream", False, messages, model, fallbacks,
-            _options(temperature, max_tokens, tools, tool_choice, response_format, user),
-        )  # fmt: skip
-        call.tenant = tenant
+        call, chain, build = self._prepare("stream", False, messages, model, options)
         relay = run_sync(self.pipeline.open_stream(call, chain, build))
         return ChatStream(relay.accumulator.request, call.attempts, relay)
 
     def achat_stream(
-        self,
-        messages: Any,
-        model: str | None = None,
-        *,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        tools: Sequence[Any] | None = None,
-        tool_choice: Any = None,
-        response_format: Any = None,
-        user: str | None = None,
-        tenant: str | None = None,
-        fallbacks: Sequence[str] | None = None,
+        self, messages: Any, model: str | None = None, **options: Unpack[CallOptions]
     ) -> AsyncChatStream:
-        """The request is validated now; the stream opens, by the same flow, on its first read."""
-        call, chain, build = self._prepare(
-            "stream", True, messages, model, fallbacks,
-            _options(temperature, max_tokens, tools, tool_choice, response_format, user),
-        )  # fmt: skip
-        call.tenant = tenant
+        """Validated now; opened by the same flow as :meth:`chat_stream`, on its first read."""
+        call, chain, build = self._prepare("stream", True, messages, model, options)
         request = call.request
         assert isinstance(request, ChatRequest)
         return AsyncChatStream(request, call.attempts, lambda: self.pipeline.open_stream(call, chain, build))
@@ -428,11 +355,14 @@ class LLM:
     ) -> tuple[LLMCall, Build]:
         address = model or self.default_model
         if not address:
-            raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set")
+            raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set", field="model")
         provider_name, model_name = split_model(address)
         if isinstance(inputs, str) or not inputs or not all(isinstance(i, str) for i in inputs):
             raise LLMBadRequestError(
-                "inputs must be a non-empty list of strings", provider=provider_name, model=model_name
+                "inputs must be a non-empty list of strings",
+                field="inputs",
+                provider=provider_name,
+                model=model_name,
             )
         first = self.provider(provider_name), EmbedRequest(provider_name, model_name, list(inputs))
         call = LLMCall("embed", provider_name, model_name, first[1], user, tenant, is_async)
@@ -490,6 +420,7 @@ def _build_guards(app: Flask, settings: ResilienceSettings) -> Guards:
     """The app's resilience state: breakers and rate limits in Redis when REDIS_URL is set."""
     from app.connectors.redis_connector import EXTENSION_KEY as REDIS_KEY
     from app.connectors.redis_connector import RedisConnector
+    from app.connectors.redis_gate import RedisGate
     from app.llm.resilience.breaker import CircuitBreakers
     from app.llm.resilience.bulkhead import Bulkheads
     from app.llm.resilience.executor import Guards
@@ -506,12 +437,8 @@ def _build_guards(app: Flask, settings: ResilienceSettings) -> Guards:
         connector = redis_connector()
         return connector.client() if connector is not None else None
 
-    def redis_url() -> str | None:
-        connector = redis_connector()
-        url = connector.settings.url if connector is not None else None
-        return url.reveal() if url is not None else None
-
-    return Guards(settings, CircuitBreakers(redis_client), RateLimiter(redis_url), Bulkheads())
+    gate = RedisGate(redis_client)  # one per app: breakers and rate limits fail open together
+    return Guards(settings, CircuitBreakers(gate), RateLimiter(gate), Bulkheads())
 
 
 def get_llm() -> LLM:

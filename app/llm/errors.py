@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -94,12 +93,6 @@ class LLMBadRequestError(LLMError):
 
     def __init__(self, message: str, *, field: str | None = None, **context: Any) -> None:
         super().__init__(message, **context)
-        if field is None:
-            # ``except LLMBadRequestError as exc: raise LLMBadRequestError(exc.message, provider=...)``
-            # adds context to the same error: it keeps the field of the one being handled.
-            handled = sys.exc_info()[1]
-            if isinstance(handled, LLMBadRequestError) and handled.message == self.message:
-                field = handled.field
         self.field = field
 
     @property
