@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import client_lookup, cold_start, llm_overhead, resilience_overhead
+from bench import client_lookup, cold_start, hooks_overhead, llm_overhead, resilience_overhead
 
 if __name__ == "__main__":
     print(f"python {sys.version.split()[0]}")
@@ -15,3 +15,4 @@ if __name__ == "__main__":
     cold_start.main()
     llm_overhead.main()
     resilience_overhead.main()
+    hooks_overhead.main()

@@ -321,3 +321,18 @@ def test_llm_hooks_loads_hooks_by_path(make_app, upstream):
 def test_a_bad_llm_hooks_entry_stops_start_up_naming_the_setting(make_app, value):
     with pytest.raises(ConfigError, match="LLM_HOOKS"):
         make_app(LLM_HOOKS=[value])
+
+
+def test_the_readme_hook_example_runs_as_written(app, upstream):
+    """The README's hooks example, executed with a user's settings against a local server."""
+    from tests.readme import python_blocks
+
+    (example,) = python_blocks("Hooks: one extension point around every call")
+    upstream.script(CHAT, chat_completion("Hello"))
+    namespace: dict[str, Any] = {"messages": MESSAGES}
+    with app.app_context():
+        exec(compile(example, "README.md", "exec"), namespace)
+        audit = next(h for h in get_llm().hooks.hooks if type(h).__name__ == "Audit")
+    assert namespace["r"].content == "Hello"
+    assert isinstance(audit, LLMHook)
+    assert upstream.only_request().json["user"] == "alice"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from flask import Flask, current_app
@@ -57,8 +58,6 @@ class CallOptions(TypedDict, total=False):
     fallbacks: Sequence[str] | None
 
 
-#: The options that shape the request itself (the same for every model of the chain).
-_REQUEST_OPTIONS = ("temperature", "max_tokens", "tools", "tool_choice", "response_format", "user")
 _CALL_OPTIONS = frozenset(CallOptions.__annotations__)
 
 
@@ -233,21 +232,21 @@ class LLM:
     def _typed_for(
         self, provider: Provider, request: ChatRequest | EmbedRequest
     ) -> Callable[[BaseException], LLMError]:
-        """What turns an exception of this call into its typed error."""
-        return self._mapper(provider, request.context())
+        """What turns an exception of this call into its typed error (its context built only then)."""
+        return partial(self._map_error, provider, request.context)
 
     @staticmethod
-    def _mapper(provider: Provider, context: dict[str, Any]) -> Callable[[BaseException], LLMError]:
-        def typed(exc: BaseException) -> LLMError:
-            if isinstance(exc, LLMError):
-                return exc
-            if isinstance(exc, ServiceNotConfiguredError):
-                return LLMNotConfiguredError(str(exc), setting=exc.setting, **context)
-            if isinstance(exc, UnknownProfileError):
-                return LLMNotConfiguredError(str(exc), setting="OPENAI_PROFILES", **context)
-            return provider.map_error(exc, context)
-
-        return typed
+    def _map_error(
+        provider: Provider, context_of: Callable[[], dict[str, Any]], exc: BaseException
+    ) -> LLMError:
+        if isinstance(exc, LLMError):
+            return exc
+        context = context_of()
+        if isinstance(exc, ServiceNotConfiguredError):
+            return LLMNotConfiguredError(str(exc), setting=exc.setting, **context)
+        if isinstance(exc, UnknownProfileError):
+            return LLMNotConfiguredError(str(exc), setting="OPENAI_PROFILES", **context)
+        return provider.map_error(exc, context)
 
     def _chain(self, model: str | None, fallbacks: Sequence[str] | None) -> list[str]:
         address = model or self.default_model
@@ -264,16 +263,23 @@ class LLM:
         self, kind: CallKind, is_async: bool, messages: Any, model: str | None, options: CallOptions
     ) -> tuple[LLMCall, list[str], Build]:
         """Validate the call (the primary model's request, now) and describe it for the hooks."""
-        unknown = options.keys() - _CALL_OPTIONS
-        if unknown:
-            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        if options and not _CALL_OPTIONS.issuperset(options):
+            unknown = ", ".join(sorted(options.keys() - _CALL_OPTIONS))
+            raise TypeError(f"unexpected keyword argument(s): {unknown}")
         chain = self._chain(model, options.get("fallbacks"))
-        shape: dict[str, Any] = {name: options.get(name) for name in _REQUEST_OPTIONS}
-        first = self._request(messages, chain[0], **shape)
+        shape = (
+            options.get("temperature"),
+            options.get("max_tokens"),
+            options.get("tools"),
+            options.get("tool_choice"),
+            options.get("response_format"),
+            options.get("user"),
+        )
+        first = self._request(messages, chain[0], *shape)
 
         def build(address: str) -> tuple[Provider, ChatRequest]:
             # The primary's request is built once; a fallback's only when it is needed.
-            return first if address == chain[0] else self._request(messages, address, **shape)
+            return first if address == chain[0] else self._request(messages, address, *shape)
 
         request = first[1]
         call = LLMCall(
@@ -373,7 +379,7 @@ class LLM:
         try:
             return adapter.list_models()
         except Exception as exc:
-            raise self._mapper(adapter, {"provider": provider, "model": None})(exc) from exc
+            raise self._map_error(adapter, lambda: {"provider": provider, "model": None}, exc) from exc
 
     @property
     def ollama(self) -> OllamaManager:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
-import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from app.errors import ConfigError
@@ -53,28 +54,70 @@ class EmbedResponse:
     cached: bool = False
 
 
-@dataclass(eq=False)
 class LLMCall:
-    """One logical call as hooks see it; ``provider``/``model`` follow a fallback that answered."""
+    """One logical call as hooks see it; ``provider``/``model`` follow a fallback that answered.
 
-    kind: CallKind
-    provider: str
-    model: str
-    #: The normalised request of the model being asked (never sent to logs: it holds the prompt).
-    request: ChatRequest | EmbedRequest = field(repr=False)
-    user: str | None = None
-    tenant: str | None = None
-    is_async: bool = False
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    #: Wall-clock start (``time.time()``), for records; ``started`` is ``perf_counter()`` for durations.
-    started_at: float = field(default_factory=time.time)
-    started: float = field(default_factory=time.perf_counter)
-    #: ``perf_counter()`` when a stream's first event arrived.
-    first_delta_at: float | None = None
-    #: Every try behind this call (app.llm.resilience.Attempt), across retries and fallbacks.
-    attempts: list[Any] = field(default_factory=list)
-    #: Free for hooks: what one hook's ``before_call`` leaves for its ``after_call``.
-    metadata: dict[str, Any] = field(default_factory=dict)
+    A plain slotted class rather than a dataclass: one is made per call, on the hot
+    path, and its ``id`` and ``metadata`` are only built when something reads them.
+    """
+
+    __slots__ = (
+        "_id",
+        "_metadata",
+        "attempts",
+        "first_delta_at",
+        "is_async",
+        "kind",
+        "model",
+        "provider",
+        "request",
+        "started",
+        "started_at",
+        "tenant",
+        "user",
+    )
+
+    def __init__(
+        self,
+        kind: CallKind,
+        provider: str,
+        model: str,
+        request: ChatRequest | EmbedRequest,
+        user: str | None = None,
+        tenant: str | None = None,
+        is_async: bool = False,
+    ) -> None:
+        self.kind = kind
+        self.provider = provider
+        self.model = model
+        #: The normalised request of the model being asked (never logged: it holds the prompt).
+        self.request = request
+        self.user = user
+        self.tenant = tenant
+        self.is_async = is_async
+        #: Wall-clock start, for records; ``started`` is ``perf_counter()``, for durations.
+        self.started_at = time.time()
+        self.started = time.perf_counter()
+        #: ``perf_counter()`` when a stream's first event arrived.
+        self.first_delta_at: float | None = None
+        #: Every try behind this call (app.llm.resilience.Attempt), across retries and fallbacks.
+        self.attempts: list[Any] = []
+        self._id: str | None = None
+        self._metadata: dict[str, Any] | None = None
+
+    @property
+    def id(self) -> str:
+        """128 random bits in hex (as ``uuid4().hex``), made when first read."""
+        if self._id is None:
+            self._id = os.urandom(16).hex()
+        return self._id
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Free for hooks: what one hook's ``before_call`` leaves for its ``after_call``."""
+        if self._metadata is None:
+            self._metadata = {}
+        return self._metadata
 
     @property
     def latency_ms(self) -> float:
@@ -83,6 +126,12 @@ class LLMCall:
     @property
     def first_delta_ms(self) -> float | None:
         return None if self.first_delta_at is None else (self.first_delta_at - self.started) * 1000
+
+    def __repr__(self) -> str:
+        return (
+            f"LLMCall(kind={self.kind!r}, provider={self.provider!r}, model={self.model!r},"
+            f" user={self.user!r}, tenant={self.tenant!r}, id={self.id!r})"
+        )
 
 
 class LLMHook:
@@ -162,6 +211,19 @@ class CallLogHook(LLMHook):
         )
 
 
+#: Each point of a call: the hook method, and its async twin.
+_POINTS: dict[str, tuple[str, str]] = {
+    "before": ("before_call", "abefore_call"),
+    "after": ("after_call", "aafter_call"),
+    "error": ("on_error", "aon_error"),
+    "cancel": ("on_cancel", "aon_cancel"),
+}
+
+#: One hook at one point: its method, its own async twin (None: the default, which calls the
+#: method), and the hook (for the log line).
+_Acting = tuple[Callable[..., Any], Callable[..., Awaitable[Any]] | None, LLMHook]
+
+
 class HookChain:
     """The hooks of one app, and the flows that call them (each hook isolated from the call)."""
 
@@ -169,78 +231,68 @@ class HookChain:
         self.warn_interval = warn_interval
         self._last_warning: dict[int, float] = {}
         self.hooks: tuple[LLMHook, ...] = ()
-        self._before: tuple[LLMHook, ...] = ()
-        self._after: tuple[LLMHook, ...] = ()
-        self._error: tuple[LLMHook, ...] = ()
-        self._cancel: tuple[LLMHook, ...] = ()
+        self._acting: dict[str, tuple[_Acting, ...]] = dict.fromkeys(_POINTS, ())
         for hook in hooks:
             self.add(hook)
 
     def add(self, hook: LLMHook) -> None:
         if not isinstance(hook, LLMHook):
             raise TypeError(f"a hook must be an LLMHook instance, got {type(hook).__name__}")
-        self.hooks = (*self.hooks, hook)
-        # Which hooks act at each point, so that a call pays nothing for a no-op method.
-        self._before = tuple(h for h in self.hooks if _overrides(h, "before_call", "abefore_call"))
-        reverse = self.hooks[::-1]
-        self._after = tuple(h for h in reverse if _overrides(h, "after_call", "aafter_call"))
-        self._error = tuple(h for h in reverse if _overrides(h, "on_error", "aon_error"))
-        self._cancel = tuple(h for h in reverse if _overrides(h, "on_cancel", "aon_cancel"))
+        self._set((*self.hooks, hook))
 
     def remove(self, hook: LLMHook) -> None:
-        hooks = [h for h in self.hooks if h is not hook]
-        self.hooks = ()
-        self._before = self._after = self._error = self._cancel = ()
-        for h in hooks:
-            self.add(h)
+        self._set(tuple(h for h in self.hooks if h is not hook))
 
-    # --- flows: one step per hook that acts, run by the call's sync or async driver -------
+    def _set(self, hooks: tuple[LLMHook, ...]) -> None:
+        # Which hooks act at each point, so that a call pays nothing for a no-op method.
+        acting: dict[str, tuple[_Acting, ...]] = {}
+        for point, (name, async_name) in _POINTS.items():
+            order = hooks if point == "before" else hooks[::-1]
+            acting[point] = tuple(
+                (getattr(h, name), getattr(h, async_name) if _overrides(h, async_name) else None, h)
+                for h in order
+                if _overrides(h, name, async_name)
+            )
+        self.hooks, self._acting = hooks, acting
 
-    def before(self, call: LLMCall) -> Flow[ChatResponse | EmbedResponse | None]:
-        for hook in self._before:
+    # --- flows, run by the call's sync or async driver ---------------------------------
+
+    # Each answers ``()`` when no hook acts there: ``yield from ()`` costs a call nothing.
+
+    def before(self, call: LLMCall) -> Flow[ChatResponse | EmbedResponse | None] | tuple[()]:
+        return self._dispatch("before", call) if self._acting["before"] else ()
+
+    def after(self, call: LLMCall, response: ChatResponse | EmbedResponse) -> Flow[Any] | tuple[()]:
+        return self._dispatch("after", call, response) if self._acting["after"] else ()
+
+    def error(self, call: LLMCall, error: LLMError) -> Flow[Any] | tuple[()]:
+        return self._dispatch("error", call, error) if self._acting["error"] else ()
+
+    def cancel(self, call: LLMCall, partial: ChatResponse) -> Flow[Any] | tuple[()]:
+        return self._dispatch("cancel", call, partial) if self._acting["cancel"] else ()
+
+    def _dispatch(self, point: str, *args: Any) -> Flow[Any]:
+        """Each acting hook in turn; only ``before_call`` may answer (or refuse) the call.
+
+        A hook without an async twin of its own is called in place: its default twin
+        would make the same call on the event loop, so no step is needed for it.
+        """
+        for method, async_method, hook in self._acting[point]:
             try:
-                answer = yield Step(
-                    lambda h=hook: h.before_call(call),  # type: ignore[misc]
-                    lambda h=hook: h.abefore_call(call),  # type: ignore[misc]
-                )
-            except LLMError:
-                raise  # a hook refuses the call (a budget, a policy)
+                if async_method is None:
+                    answer = method(*args)
+                else:
+                    answer = yield Step(partial(method, *args), partial(async_method, *args))
+            except LLMError as exc:
+                if point == "before":
+                    raise  # a hook refuses the call (a budget, a policy)
+                self._failed(hook, method.__name__, exc)
             except Exception as exc:
-                self._failed(hook, "before_call", exc)
-                continue
-            if answer is not None:
-                return answer  # type: ignore[no-any-return]
+                self._failed(hook, method.__name__, exc)
+            else:
+                if answer is not None and point == "before":
+                    return answer
         return None
-
-    def after(self, call: LLMCall, response: ChatResponse | EmbedResponse) -> Flow[None]:
-        for hook in self._after:
-            try:
-                yield Step(
-                    lambda h=hook: h.after_call(call, response),  # type: ignore[misc]
-                    lambda h=hook: h.aafter_call(call, response),  # type: ignore[misc]
-                )
-            except Exception as exc:
-                self._failed(hook, "after_call", exc)
-
-    def error(self, call: LLMCall, error: LLMError) -> Flow[None]:
-        for hook in self._error:
-            try:
-                yield Step(
-                    lambda h=hook: h.on_error(call, error),  # type: ignore[misc]
-                    lambda h=hook: h.aon_error(call, error),  # type: ignore[misc]
-                )
-            except Exception as exc:
-                self._failed(hook, "on_error", exc)
-
-    def cancel(self, call: LLMCall, partial: ChatResponse) -> Flow[None]:
-        for hook in self._cancel:
-            try:
-                yield Step(
-                    lambda h=hook: h.on_cancel(call, partial),  # type: ignore[misc]
-                    lambda h=hook: h.aon_cancel(call, partial),  # type: ignore[misc]
-                )
-            except Exception as exc:
-                self._failed(hook, "on_cancel", exc)
 
     def _failed(self, hook: LLMHook, method: str, exc: Exception) -> None:
         now = time.monotonic()

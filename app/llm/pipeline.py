@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from app.llm.errors import LLMError
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 Build = Callable[[str], tuple[Provider, Any]]
 #: The flow of one model's call under the policy, given its provider and request.
 Attempt_ = Callable[[Provider, Any, Callable[[BaseException], LLMError]], Flow[Any]]
+#: The step that asks a provider (sync and async twins) for one request.
+Send = Callable[[Provider, Any], Step]
 #: Maps an exception a provider raised to its typed error.
 TypedFor = Callable[[Provider, Any], Callable[[BaseException], LLMError]]
 
@@ -49,34 +52,18 @@ class Pipeline:
     # --- the three kinds of call ---------------------------------------------------
 
     def chat(self, call: LLMCall, chain: Sequence[str], build: Build) -> Flow[ChatResponse]:
-        def attempt(provider: Provider, request: ChatRequest, typed: Callable[..., LLMError]) -> Flow[Any]:
-            return self._guards().call_flow(
-                request,
-                lambda r: Step(lambda: provider.chat(r), lambda: provider.achat(r)),
-                typed,
-                call.attempts,
-                usage=response_tokens,
-            )
-
+        attempt = self._through_policy(call, _send_chat, usage=response_tokens)
         return self._answer(call, chain, build, attempt, _finish_chat)
 
     def embed(self, call: LLMCall, build: Build) -> Flow[EmbedResponse]:
-        def attempt(provider: Provider, request: EmbedRequest, typed: Callable[..., LLMError]) -> Flow[Any]:
-            return self._guards().call_flow(
-                request,
-                lambda r: Step(lambda: provider.embed(r), lambda: provider.aembed(r)),
-                typed,
-                call.attempts,
-                usage=lambda _vectors: None,
-                tokens=lambda: sum(len(text) for text in request.inputs) // 4 + 1,
-            )
-
-        def finish(call: LLMCall, vectors: Any) -> EmbedResponse:
-            if isinstance(vectors, EmbedResponse):  # a hook's answer
-                return vectors
-            return EmbedResponse(vectors, call.provider, call.model)
-
-        return self._answer(call, [f"{call.provider}/{call.model}"], build, attempt, finish)
+        inputs = call.request.inputs if isinstance(call.request, EmbedRequest) else []
+        attempt = self._through_policy(
+            call,
+            _send_embed,
+            usage=lambda _vectors: None,
+            tokens=lambda: sum(len(text) for text in inputs) // 4 + 1,
+        )
+        return self._answer(call, [f"{call.provider}/{call.model}"], build, attempt, _finish_embed)
 
     def open_stream(self, call: LLMCall, chain: Sequence[str], build: Build) -> Flow[StreamRelay]:
         """Open a stream (retries and fallbacks happen here, before any text reaches the caller)."""
@@ -87,7 +74,7 @@ class Pipeline:
                 typed = self._typed_for(*build(chain[0]))
             else:
                 provider, request, (events, first, admission) = yield from self._chain(
-                    call, chain, build, self._open_attempt(call)
+                    call, chain, build, self._through_policy(call, _send_open)
                 )
                 call.first_delta_at = time.perf_counter()
                 opened = OpenStream(events, [first] if first is not None else [], admission)
@@ -99,13 +86,12 @@ class Pipeline:
 
     # --- shared ----------------------------------------------------------------------
 
-    def _open_attempt(self, call: LLMCall) -> Attempt_:
-        def attempt(provider: Provider, request: ChatRequest, typed: Callable[..., LLMError]) -> Flow[Any]:
-            return self._guards().open_flow(
-                request,
-                lambda r: Step(lambda: _open(provider, r), lambda: _aopen(provider, r)),
-                typed,
-                call.attempts,
+    def _through_policy(self, call: LLMCall, send: Send, **options: Any) -> Attempt_:
+        """One model's call of ``call`` under the guards' policy (``options``: usage, tokens)."""
+
+        def attempt(provider: Provider, request: Any, typed: Callable[..., LLMError]) -> Flow[Any]:
+            return self._guards().attempt_flow(
+                request, partial(send, provider), typed, call.attempts, **options
             )
 
         return attempt
@@ -162,6 +148,25 @@ class Pipeline:
                 raise
             return provider, request, result
         raise AssertionError("unreachable: the chain is never empty")
+
+
+def _send_chat(provider: Provider, request: ChatRequest) -> Step:
+    return Step(lambda: provider.chat(request), lambda: provider.achat(request))
+
+
+def _send_embed(provider: Provider, request: EmbedRequest) -> Step:
+    return Step(lambda: provider.embed(request), lambda: provider.aembed(request))
+
+
+def _send_open(provider: Provider, request: ChatRequest) -> Step:
+    """Open a stream and read its first event: answers ``(events, first)``."""
+    return Step(lambda: _open(provider, request), lambda: _aopen(provider, request))
+
+
+def _finish_embed(call: LLMCall, vectors: Any) -> EmbedResponse:
+    if isinstance(vectors, EmbedResponse):  # a hook's answer
+        return vectors
+    return EmbedResponse(vectors, call.provider, call.model)
 
 
 def _finish_chat(call: LLMCall, response: ChatResponse) -> ChatResponse:

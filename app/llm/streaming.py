@@ -194,8 +194,10 @@ class StreamRelay:
             raise
         response.latency_ms = self.call.latency_ms
         response.attempts = self.call.attempts
-        if self.opened.admission is not None:
-            yield from self.opened.admission.end(None, self.accumulator.used_tokens())
+        admission = self.opened.admission
+        step = admission.end(None, self.accumulator.used_tokens()) if admission is not None else None
+        if step is not None:
+            yield step
         yield from self.hooks.after(self.call, response)
         self.response = response
         return response
@@ -214,7 +216,7 @@ class StreamRelay:
         """Settle, and tell the hooks."""
         error.attempts = self.call.attempts  # type: ignore[attr-defined]
         if self.opened.admission is not None:
-            yield from self.opened.admission.end(error, None)
+            self.opened.admission.end(error, None)  # no step: nothing to settle after an error
         yield from self.hooks.error(self.call, error)
 
     def cancel(self) -> Flow[None]:

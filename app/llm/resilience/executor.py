@@ -2,10 +2,10 @@
 
 :class:`Guards` holds one app's shared state (breakers and rate limits, in
 Redis when configured; bulkheads per process) and writes the policy once, as
-flows (see :mod:`app.llm.resilience.steps`): :meth:`Guards.call_flow` for a
-call that answers at once (chat, embeddings) and :meth:`Guards.open_flow` for
-a stream, retried only until its first event has arrived. The sync and async
-drivers run the same flows, so they decide the same way.
+one flow (see :mod:`app.llm.resilience.steps`), :meth:`Guards.attempt_flow`,
+for a call that answers at once (chat, embeddings) and for a stream, which is
+retried only until its first event has arrived. The sync and async drivers run
+the same flow, so they decide the same way.
 """
 
 from __future__ import annotations
@@ -64,15 +64,14 @@ class Admission:
         self.slot = slot
         self._done = False
 
-    def end(self, error: LLMError | None, used_tokens: int | None) -> Flow[None]:
-        """The stream ended: by itself (``error`` None), or with ``error``."""
+    def end(self, error: LLMError | None, used_tokens: int | None) -> Step | None:
+        """The stream ended, by itself (``error`` None) or with ``error``; a step left to run, if any."""
         if self._done:
-            return
+            return None
         self._done = True
         self.slot.release()
         self.guards.record(self.key, self.policy, error)
-        if error is None:
-            yield from self.guards.settle(self.reservation, used_tokens)
+        return self.guards.settle(self.reservation, used_tokens) if error is None else None
 
     def cancel(self) -> None:
         """Closed early by the caller: no verdict on the provider (and never blocks: ``__del__`` calls it)."""
@@ -104,54 +103,45 @@ class Guards:
 
     # --- the two flows ---------------------------------------------------------
 
-    def call_flow(
+    def attempt_flow(
         self,
         request: RequestT,
         send: Callable[[RequestT], Step],
         typed: Callable[[BaseException], LLMError],
         attempts: list[Attempt],
         *,
-        usage: Callable[[Any], int | None],
+        usage: Callable[[Any], int | None] | None = None,
         tokens: Callable[[], int] | None = None,
     ) -> Flow[Any]:
-        """A call that answers at once: ``send(request)`` is the step that asks the provider."""
-        result, admission = yield from self._attempts(request, send, typed, attempts, tokens)
-        yield from admission.end(None, usage(result) if admission.reservation is not None else None)
-        return result
+        """One model's call under the policy: retried until an attempt succeeds or the policy gives up.
 
-    def open_flow(
-        self,
-        request: ChatRequest,
-        open_step: Callable[[ChatRequest], Step],
-        typed: Callable[[BaseException], LLMError],
-        attempts: list[Attempt],
-        *,
-        tokens: Callable[[], int] | None = None,
-    ) -> Flow[tuple[Any, StreamEvent | None, Admission]]:
-        """Open a stream: ``open_step(request)`` answers ``(events, first event)``; retried until then.
-
-        The stream keeps the returned :class:`Admission` (its slot) until it ends.
+        ``send(request)`` is the step that asks the provider. A call that answers at
+        once (``usage`` given: the tokens of its result) gives its slot back and
+        answers the result. A stream (``send`` answers ``(events, first event)``)
+        keeps its slot, and answers ``(events, first, admission)``: it holds the
+        :class:`Admission` until it ends. ``tokens`` estimates the request for a TPM limit.
         """
-        (events, first), admission = yield from self._attempts(request, open_step, typed, attempts, tokens)
-        return events, first, admission
-
-    def _attempts(
-        self,
-        request: RequestT,
-        send: Callable[[RequestT], Step],
-        typed: Callable[[BaseException], LLMError],
-        attempts: list[Attempt],
-        tokens: Callable[[], int] | None,
-    ) -> Flow[tuple[Any, Admission]]:
-        """The retry loop: until an attempt succeeds, or the policy says to give up."""
-        key, policy, deadline_at, reservation = yield from self._admit(request, tokens)
+        key = f"{request.provider}/{request.model}"
+        policy = self.settings.policy(request.provider, request.model)
+        deadline_at = self._clock() + policy.retry.deadline  # the wait for the rate limit counts
+        limits = policy.limits
+        reservation: Reservation | None = None
+        if limits.rpm or limits.tpm:
+            reservation = yield from self.limiter.acquire_flow(
+                key, limits, _tokens(request, tokens, limits.tpm), min(limits.max_wait, policy.retry.deadline)
+            )
         retry = 0
         while True:
             started = self._clock()
             remaining = self._remaining(request, policy, deadline_at, started)
             slot: Slot | None = None
             try:
-                slot = yield from self._enter(key, policy, request, remaining)
+                self.breakers.before_call(key, policy.breaker)
+                slot = self.bulkheads.slot(
+                    request.provider, policy.bulkhead, min(policy.bulkhead.max_wait, remaining)
+                )
+                if not slot.try_take():
+                    yield from self._wait_for(slot, key, policy)
                 result = yield send(_with_timeout(request, self._attempt_timeout(policy, remaining)))
             except Exception as exc:
                 error = _typed(typed, exc)
@@ -160,7 +150,16 @@ class Guards:
                 raise
             else:
                 attempts.append(Attempt(key, "ok", (self._clock() - started) * 1000))
-                return result, Admission(self, key, policy, reservation, slot)
+                if usage is None:
+                    events, first = result
+                    return events, first, Admission(self, key, policy, reservation, slot)
+                slot.release()  # the healthy path, kept short: every call takes it
+                self.breakers.record(key, policy.breaker, "success")
+                if reservation is not None:
+                    step = self.settle(reservation, usage(result))
+                    if step is not None:
+                        yield step
+                return result
             if slot is not None:
                 slot.release()
             delay = self._failed(key, policy, error, started, attempts, retry, deadline_at)
@@ -169,38 +168,15 @@ class Guards:
 
     # --- shared steps ----------------------------------------------------------
 
-    def _admit(
-        self, request: ChatRequest | EmbedRequest, tokens: Callable[[], int] | None
-    ) -> Flow[tuple[str, ProviderPolicy, float, Reservation | None]]:
-        """The call's policy and deadline, and its place in the rate limits (the wait counts)."""
-        key = f"{request.provider}/{request.model}"
-        policy = self.settings.policy(request.provider, request.model)
-        deadline_at = self._clock() + policy.retry.deadline
-        limits = policy.limits
-        reservation: Reservation | None = None
-        if limits.rpm or limits.tpm:
-            reservation = yield from self.limiter.acquire_flow(
-                key, limits, _tokens(request, tokens, limits.tpm), min(limits.max_wait, policy.retry.deadline)
-            )
-        return key, policy, deadline_at, reservation
-
-    def _enter(
-        self, key: str, policy: ProviderPolicy, request: ChatRequest | EmbedRequest, remaining: float
-    ) -> Flow[Slot]:
-        """Past the breaker and the bulkhead, or raise why not."""
-        self.breakers.before_call(key, policy.breaker)
-        slot = self.bulkheads.slot(
-            request.provider, policy.bulkhead, min(policy.bulkhead.max_wait, remaining)
-        )
-        if not slot.try_take():
-            try:
-                yield slot.wait()
-            except LLMBulkheadFullError:
-                # The breaker admitted the call (perhaps as a half-open trial) but the
-                # provider was not asked: give the permit back without a verdict.
-                self.breakers.record(key, policy.breaker, "ignored")
-                raise
-        return slot
+    def _wait_for(self, slot: Slot, key: str, policy: ProviderPolicy) -> Flow[None]:
+        """Wait for a bulkhead slot; when none comes, give the breaker's permit back."""
+        try:
+            yield slot.wait()
+        except LLMBulkheadFullError:
+            # The breaker admitted the call (perhaps as a half-open trial) but the
+            # provider was not asked: give the permit back without a verdict.
+            self.breakers.record(key, policy.breaker, "ignored")
+            raise
 
     @staticmethod
     def _remaining(
@@ -226,7 +202,7 @@ class Guards:
         deadline_at: float,
     ) -> float:
         """Record a failed attempt; the wait before the next one, or raise ``error`` now."""
-        if not isinstance(error, LLMBulkheadFullError):  # already given back in _enter
+        if not isinstance(error, LLMBulkheadFullError):  # already given back in _wait_for
             self.record(key, policy, error)
         attempts.append(
             Attempt(key, type(error).__name__, (self._clock() - started) * 1000, error.status_code)
@@ -254,15 +230,16 @@ class Guards:
         outcome: Outcome = "success" if error is None else "failure" if is_retryable(error) else "ignored"
         self.breakers.record(key, policy.breaker, outcome)
 
-    def settle(self, reservation: Reservation | None, used_tokens: int | None) -> Flow[None]:
-        """Correct the TPM window by the tokens really used (a Redis write only when it must)."""
+    def settle(self, reservation: Reservation | None, used_tokens: int | None) -> Step | None:
+        """The step that corrects the TPM window by the tokens really used, when one must."""
         if (
             reservation is not None
             and reservation.tpm
             and used_tokens is not None
             and used_tokens > reservation.tokens
         ):
-            yield blocking(lambda: self.limiter.settle(reservation, used_tokens))
+            return blocking(lambda: self.limiter.settle(reservation, used_tokens))
+        return None
 
     @staticmethod
     def _attempt_timeout(policy: ProviderPolicy, remaining: float) -> float:
