@@ -211,22 +211,23 @@ class LLM:
                 raise LLMBadRequestError(
                     f"max_tokens must be a positive integer, got {max_tokens!r}", field="max_tokens"
                 )
-        except LLMBadRequestError as exc:
+            provider = self.provider(provider_name)
+            request = ChatRequest(
+                provider=provider_name,
+                model=model_name,
+                messages=normalised,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                tools=specs,
+                tool_choice=choice,
+                response_format=response_format,
+                user=user,
+            )
+            provider.check(request)
+        except LLMBadRequestError as exc:  # the layer's own checks: add provider and model
             raise LLMBadRequestError(
                 exc.message, field=exc.field, provider=provider_name, model=model_name
             ) from None
-        provider = self.provider(provider_name)
-        request = ChatRequest(
-            provider=provider_name,
-            model=model_name,
-            messages=normalised,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            tools=specs,
-            tool_choice=choice,
-            response_format=response_format,
-            user=user,
-        )
         return provider, request
 
     def _typed_for(

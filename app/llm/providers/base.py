@@ -107,6 +107,14 @@ class Provider(ABC):
     @abstractmethod
     async def aembed(self, request: EmbedRequest) -> list[list[float]]: ...
 
+    def check(self, request: ChatRequest) -> None:
+        """Refuse what this provider cannot take, before any request or policy step.
+
+        Raise :class:`~app.llm.errors.LLMBadRequestError` with ``field`` naming the
+        parameter (a schema it cannot read, a parameter it does not support). The
+        layer calls it for every model of a fallback chain when it builds its request.
+        """
+
     @abstractmethod
     def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
         """The typed error for an exception the SDK raised (``context``: provider and model)."""
