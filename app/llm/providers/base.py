@@ -114,6 +114,7 @@ class Provider(ABC):
         parameter (a schema it cannot read, a parameter it does not support). The
         layer calls it for every model of a fallback chain when it builds its request.
         """
+        return  # a hook: most providers take everything the layer has checked
 
     @abstractmethod
     def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
