@@ -82,6 +82,16 @@ DEFAULTS: dict[str, Any] = {
     "LLM_CALL_LOG": True,
     "HEALTH_CHECK_TIMEOUT": 2.0,
     "HEALTH_OPTIONAL_SERVICES": "",
+    # /api: keys, quotas and request bounds (app.api_keys, app.api_quotas, app.api_body).
+    "API_AUTH": True,
+    "API_DEFAULT_RPM": 60,
+    "API_DEFAULT_TPM": 50_000,
+    "API_MAX_JSON_DEPTH": 32,
+    "API_MAX_MESSAGES": 500,
+    "API_MAX_INPUTS": 2048,
+    "API_MAX_PROMPT_CHARS": 1_000_000,
+    "LLM_MAX_TOKENS_LIMIT": 8192,
+    "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
 }
 
 #: Secret keys shorter than this, or on this list, are refused outside debug and testing.
