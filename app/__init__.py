@@ -63,6 +63,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.register_blueprint(blueprint)
     app.cli.add_command(services_cli)
     app.cli.add_command(llm_cli)
+    app.cli.add_command(import_module("app.api_keys").api_keys_cli)
     app.cli.add_command(LazyMigrateGroup("db", migrations_dir=PROJECT_ROOT / "migrations"))
     for command in commands.cli.commands.values():
         app.cli.add_command(command)

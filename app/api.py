@@ -8,6 +8,14 @@ HTTP meaning (``http_status``, ``kind``, ``field``), so they are answered by
 lookup. Messages pass through :func:`app.redaction.redact`, so they never
 echo a key.
 
+Before a view runs: the caller's API key (:mod:`app.api_keys`; 401 without a
+valid one, unless ``API_AUTH=off``), its quotas (:mod:`app.api_quotas`; 429),
+and the body's bounds (:mod:`app.api_body`: 413 past ``MAX_CONTENT_LENGTH``,
+400 for nesting, non-JSON numbers and lone surrogates). The views then bound
+what the layer does not: ``max_tokens`` (``LLM_MAX_TOKENS_LIMIT``), the
+number of messages or inputs and the prompt's characters, each a 400 naming
+the field. The key's name and tenant become the call's ``user`` and ``tenant``.
+
 With ``"stream": true`` the chat answers ``text/event-stream``: an
 ``event: delta`` per text delta, then ``event: done`` (usage, finish reason,
 tool calls), or ``event: error`` if the provider fails mid-stream. Errors
@@ -21,11 +29,22 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, stream_with_context
+from flask.blueprints import BlueprintSetupState
 
-from app.errors import UnknownProfileError
+from app.api_body import BodyError, json_body, text_size
+from app.api_keys import (
+    ApiCaller,
+    ApiKeyError,
+    ApiKeysUnavailableError,
+    auth_required,
+    caller_for_key,
+    presented_key,
+)
+from app.config import get_count
+from app.errors import ConfigError, UnknownProfileError
 from app.llm import ChatResponse, ChatStream, LLMError, LLMResponseError, LLMServerError, get_llm
 from app.llm.client import OPENAI_PROVIDER
 from app.redaction import redact
@@ -38,10 +57,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class BadRequest(Exception):
     """The body does not have the JSON shape a view needs (``field`` says where)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.field = field
         self.message = message
+        self.status = status
 
 
 def error_response(
@@ -68,11 +88,84 @@ class ChatCall:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+# --- before every view: the key, the quotas, the body ------------------------------
+
+
+@bp.record_once
+def _set_up(state: BlueprintSetupState) -> None:
+    """On the app that registers ``/api``: the key check, then the quotas, in that order."""
+    app = cast(Flask, state.app)
+    try:
+        app.config["MAX_CONTENT_LENGTH"] = get_count(app.config, "MAX_CONTENT_LENGTH") or None
+    except ConfigError:
+        raise ConfigError(
+            f"MAX_CONTENT_LENGTH must be a whole number of bytes, got {app.config['MAX_CONTENT_LENGTH']!r}"
+        ) from None
+    for key in ("API_DEFAULT_RPM", "API_DEFAULT_TPM", "API_MAX_MESSAGES", "API_MAX_INPUTS",
+                "API_MAX_PROMPT_CHARS", "API_MAX_JSON_DEPTH", "LLM_MAX_TOKENS_LIMIT"):  # fmt: skip
+        get_count(app.config, key)  # a bad value stops start-up naming the key
+    app.extensions["api_auth"] = auth_required(app)
+    app.before_request(_authenticate)  # an app hook, so that it runs before Flask-Limiter's
+    from app.api_quotas import init_quotas
+
+    init_quotas(app, bp)
+
+
+def _authenticate() -> Response | None:
+    """401 for an ``/api`` request without a valid key (``g.api_caller`` otherwise)."""
+    if request.blueprint != bp.name or not current_app.extensions.get("api_auth", True):
+        return None
+    try:
+        g.api_caller = caller_for_key(presented_key(request.headers))
+    except ApiKeyError as exc:
+        return error_response(401, "unauthorized", exc.message, {"WWW-Authenticate": 'Bearer realm="api"'})
+    except ApiKeysUnavailableError as exc:
+        current_app.logger.error("API keys cannot be checked: %s", exc.__cause__ or exc)
+        return error_response(
+            503, "unavailable", "API keys cannot be checked now (the database is unavailable or not migrated)"
+        )
+    return None
+
+
+@bp.errorhandler(429)
+def _over_quota(error: Exception) -> Response:
+    """Flask-Limiter's refusal as JSON; its after_request hook adds Retry-After and RateLimit-*."""
+    limit = getattr(error, "description", None) or "the limit"
+    g.api_over_quota = True  # app.api_quotas sets Retry-After on this answer only
+    return error_response(
+        429, "rate_limited", f"this API key is over its quota ({limit}); retry after Retry-After seconds"
+    )
+
+
+def _caller() -> ApiCaller | None:
+    caller: ApiCaller | None = g.get("api_caller")
+    return caller
+
+
+def _whose() -> tuple[str | None, str | None]:
+    """``user`` and ``tenant`` of the layer's call: the key's name and tenant."""
+    caller = _caller()
+    return (caller.name, caller.tenant) if caller else (None, None)
+
+
 def _body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("body", "the body must be a JSON object")
-    return body
+    try:
+        return json_body()
+    except BodyError as exc:
+        raise BadRequest(exc.field, exc.message, exc.status) from None
+
+
+def _bounded(field: str, items: list[Any], count_key: str, noun: str) -> None:
+    """400 naming ``field`` past ``count_key`` items or ``API_MAX_PROMPT_CHARS`` characters."""
+    most = get_count(current_app.config, count_key)
+    if len(items) > most:
+        raise BadRequest(field, f"{field} has {len(items)} {noun}; at most {most} are allowed ({count_key})")
+    chars = text_size(items)
+    limit = get_count(current_app.config, "API_MAX_PROMPT_CHARS")
+    if chars > limit:
+        raise BadRequest(
+            field, f"{field} holds {chars} characters; at most {limit} are allowed (API_MAX_PROMPT_CHARS)"
+        )
 
 
 def _address(body: Mapping[str, Any]) -> str:
@@ -129,21 +222,37 @@ def _parse_chat(body: dict[str, Any]) -> ChatCall:
     # JSON numbers with their schema's minimum (a boolean is not a number here).
     temperature = body.get("temperature")
     if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature < 0:
-            raise BadRequest("temperature", "temperature must be a number of 0 or more")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not math.isfinite(temperature)
+            or temperature < 0
+        ):
+            raise BadRequest("temperature", "temperature must be a finite number of 0 or more")
         options["temperature"] = temperature
     max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise BadRequest("max_tokens", "max_tokens must be a positive integer")
+        cap = get_count(current_app.config, "LLM_MAX_TOKENS_LIMIT")
+        if max_tokens > cap:
+            raise BadRequest("max_tokens", f"max_tokens may be at most {cap} here (LLM_MAX_TOKENS_LIMIT)")
         options["max_tokens"] = max_tokens
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream", "stream must be true or false")
-    return ChatCall(address, body.get("messages"), stream, options)
+    messages = body.get("messages")
+    if isinstance(messages, list):  # its shape is the layer's to check; its size is bounded here
+        _bounded("messages", messages, "API_MAX_MESSAGES", "messages")
+    return ChatCall(address, messages, stream, options)
 
 
 # --- answers ---------------------------------------------------------------------
+
+
+def _bad_request(exc: BadRequest) -> Response:
+    kind = "invalid_request" if exc.status == 400 else "request_too_large"
+    return error_response(exc.status, kind, exc.message, field=exc.field)
 
 
 def _usage(response: ChatResponse) -> dict[str, int | None]:
@@ -178,16 +287,17 @@ def chat() -> Response:
     try:
         call = _parse_chat(_body())
     except BadRequest as exc:
-        return error_response(400, "invalid_request", exc.message, field=exc.field)
+        return _bad_request(exc)
     llm = get_llm()
+    user, tenant = _whose()
     if call.stream:
         try:
-            stream = llm.chat_stream(call.messages, call.model, **call.options)
+            stream = llm.chat_stream(call.messages, call.model, **call.options, user=user, tenant=tenant)
         except LLMError as exc:
             return llm_error_response(exc)
         return _sse_response(stream, "response_format" in call.options)
     try:
-        answer = llm.chat(call.messages, call.model, **call.options)
+        answer = llm.chat(call.messages, call.model, **call.options, user=user, tenant=tenant)
     except LLMError as exc:
         return llm_error_response(exc)
     return jsonify(_chat_json(answer, "response_format" in call.options))
@@ -209,11 +319,13 @@ def embeddings() -> Response:
         for index, text in enumerate(inputs):
             if not isinstance(text, str) or not text:
                 raise BadRequest(f"input[{index}]", f"input[{index}] must be a non-empty string")
+        _bounded("input", inputs, "API_MAX_INPUTS", "inputs")
         address = _address(body)
     except BadRequest as exc:
-        return error_response(400, "invalid_request", exc.message, field=exc.field)
+        return _bad_request(exc)
     try:
-        vectors = get_llm().embed(inputs, address)
+        user, tenant = _whose()
+        vectors = get_llm().embed(inputs, address, user=user, tenant=tenant)
     except LLMError as exc:
         return llm_error_response(exc)
     provider, _, model = address.partition("/")

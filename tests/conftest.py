@@ -33,7 +33,15 @@ from tests.servers import (
     start_redis,
 )
 
-__all__ = ["CANARY_GEMINI_KEY", "CANARY_KEY", "ROOT", "chat_completion", "shared_dir"]
+__all__ = [
+    "CANARY_GEMINI_KEY",
+    "CANARY_KEY",
+    "ROOT",
+    "api_key_for_env",
+    "api_key_headers",
+    "chat_completion",
+    "shared_dir",
+]
 
 #: A key that must never appear in any output. Tests configure it and grep for it.
 CANARY_KEY = "sk-canary-7f3a9c1e5b2d4f608a1b3c5d7e9f0a2b"
@@ -86,6 +94,42 @@ def make_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...,
 def app(make_app: Callable[..., Flask]) -> Flask:
     """The default app of pytest-flask's ``client`` fixture: SQLite, nothing else configured."""
     return make_app()
+
+
+def api_key_headers(app: Flask, name: str = "tests", **options: Any) -> dict[str, str]:
+    """Headers with a new API key of ``app`` (its tables made if missing): ``/api`` needs one.
+
+    ``options``: ``tenant``, ``rpm``, ``tpm``, ``expires_at`` of
+    :func:`app.api_keys.create_api_key`. Keys stay on in tests, as in production.
+    """
+    from app.api_keys import create_api_key
+    from app.services.db_service import db
+
+    with app.app_context():
+        db.create_all()
+        _key_id, secret = create_api_key(name, **options)
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def api_key_for_env(env: dict[str, str], name: str = "tests", **options: Any) -> dict[str, str]:
+    """Headers with a new API key in the database of a process started with ``env`` (gunicorn).
+
+    The key is made here, by an app built from the same settings (database and
+    ``SECRET_KEY``), as ``flask api-keys create`` would make it there.
+    """
+    settings = {key: value for key, value in env.items() if key in DEFAULTS}
+    app = create_app(
+        {
+            **settings,
+            "TESTING": True,
+            "INSTANCE_PATH": env["INSTANCE_PATH"],
+            "DOTENV_PATH": env["DOTENV_PATH"],
+        }
+    )
+    try:
+        return api_key_headers(app, name, **options)
+    finally:
+        reset_services(app)
 
 
 @pytest.fixture(scope="session")

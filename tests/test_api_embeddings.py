@@ -10,7 +10,7 @@ import time
 import pytest
 from werkzeug import Request, Response
 
-from tests.conftest import CANARY_KEY
+from tests.conftest import CANARY_KEY, api_key_headers
 
 EMBED_PATH = "/v1/embeddings"
 VECTORS = [[0.25, -0.5, 1.0], [0.125, 0.75, -1.0]]
@@ -47,7 +47,7 @@ def embeddings_handler(request: Request) -> Response:
 def _post(app, body=None, **kwargs):
     if body is not None:
         kwargs["json"] = body
-    return app.test_client().post("/api/embeddings", **kwargs)
+    return app.test_client().post("/api/embeddings", headers=api_key_headers(app), **kwargs)
 
 
 def _assert_json_error(response, status: int, kind: str) -> dict:
@@ -136,7 +136,7 @@ def test_embeddings_through_a_profile(make_app, local_server):
     ],
 )
 def test_invalid_body_is_a_400_naming_the_field(embed_app, local_server, kwargs, field):
-    response = embed_app.test_client().post("/api/embeddings", **kwargs)
+    response = embed_app.test_client().post("/api/embeddings", headers=api_key_headers(embed_app), **kwargs)
 
     error = _assert_json_error(response, 400, "invalid_request")
     assert error["field"] == field

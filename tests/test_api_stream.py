@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CANARY_KEY
+from tests.conftest import CANARY_KEY, api_key_for_env, api_key_headers
 from tests.payloads import openai_chunk, sse_data
 from tests.servers import CLOSE, Chunk, Reply, free_port
 from tests.test_gunicorn import clean_env, run_gunicorn, wait_until_listening
@@ -127,7 +127,9 @@ def body_lines(response: Any) -> Iterator[str]:
 
 
 def post_stream(app, body: dict[str, Any]):
-    return app.test_client().post("/api/chat", json={"stream": True, **body}, buffered=False)
+    return app.test_client().post(
+        "/api/chat", json={"stream": True, **body}, buffered=False, headers=api_key_headers(app)
+    )
 
 
 def assert_sse_headers(response) -> None:
@@ -358,7 +360,7 @@ def test_structured_output_that_does_not_parse_is_an_error_event(stream_app, ups
     ],
 )
 def test_invalid_stream_request_is_a_json_400(stream_app, upstream, body, field):
-    response = stream_app.test_client().post("/api/chat", json=body)
+    response = stream_app.test_client().post("/api/chat", json=body, headers=api_key_headers(stream_app))
 
     error = assert_json_error(response, 400, "invalid_request")
     assert error["field"] == field
@@ -469,16 +471,17 @@ def gunicorn_server(tmp_path, upstream):
         OPENAI_BASE_URL=upstream.url_for("/v1"),
         OPENAI_MAX_RETRIES="0",
     )
+    headers = api_key_for_env(env)
     with run_gunicorn(env, "-w", "1", "--threads", "2", "wsgi:app", log=tmp_path / "g.log") as server:
         wait_until_listening(server)
+        server.api_headers = headers  # type: ignore[attr-defined]
         yield server
 
 
-def open_stream(port: int, body: dict[str, Any]) -> tuple[http.client.HTTPConnection, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
-    connection.request(
-        "POST", "/api/chat", json.dumps({"stream": True, **body}), {"Content-Type": "application/json"}
-    )
+def open_stream(server: Any, body: dict[str, Any]) -> tuple[http.client.HTTPConnection, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT)
+    headers = {"Content-Type": "application/json", **server.api_headers}
+    connection.request("POST", "/api/chat", json.dumps({"stream": True, **body}), headers)
     return connection, connection.getresponse()
 
 
@@ -495,7 +498,7 @@ def test_gunicorn_sends_each_delta_before_the_upstream_finishes(gunicorn_server,
     rest = as_sse(chunk(" second"), chunk(finish="stop"), chunk(usage=USAGE))
     upstream.script(CHAT_PATH, Reply.stream([*first, released, *rest, DONE]))
 
-    connection, response = open_stream(gunicorn_server.port, {"messages": MESSAGES, "model": "openai/m"})
+    connection, response = open_stream(gunicorn_server, {"messages": MESSAGES, "model": "openai/m"})
     try:
         assert response.status == 200, response.read()
         assert response.getheader("Content-Type").startswith("text/event-stream")
@@ -528,7 +531,9 @@ def test_gunicorn_client_disconnect_closes_the_upstream(gunicorn_server, upstrea
         body = json.dumps({"stream": True, "messages": MESSAGES, "model": "m"}).encode()
         client.sendall(
             b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            b"Authorization: %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s"
+            % (gunicorn_server.api_headers["Authorization"].encode(), len(body), body)
         )
         received = b""
         while b"t1 " not in received:  # the headers and the first deltas
@@ -547,7 +552,7 @@ def test_gunicorn_client_disconnect_closes_the_upstream(gunicorn_server, upstrea
 
     # The worker lives on and serves the next request.
     upstream.script(CHAT_PATH, answer("again"))
-    connection, response = open_stream(gunicorn_server.port, {"messages": MESSAGES, "model": "m"})
+    connection, response = open_stream(gunicorn_server, {"messages": MESSAGES, "model": "m"})
     try:
         assert [name for name, _ in sse_events(http_lines(response))] == ["delta", "done"]
     finally:

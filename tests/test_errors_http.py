@@ -33,7 +33,7 @@ from app.llm import (
 )
 from app.llm.client import get_llm
 from app.llm.testing import install_fake_llm
-from tests.conftest import CANARY_KEY
+from tests.conftest import CANARY_KEY, api_key_headers
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 WHERE = {"provider": "fake", "model": "m"}
@@ -113,7 +113,9 @@ def test_each_error_class_answers_its_status_and_kind(
     fake.add_error(error)
 
     response = app.test_client().post(
-        "/api/chat", json={"model": "fake/m", "messages": MESSAGES, "stream": stream}
+        "/api/chat",
+        json={"model": "fake/m", "messages": MESSAGES, "stream": stream},
+        headers=api_key_headers(app),
     )
 
     body = _error(response, status, kind)
@@ -130,7 +132,9 @@ def test_an_error_mid_stream_is_an_event_with_the_status_and_kind(fake_app):
     fake.add_stream(["Hel", "lo"], error=LLMCircuitOpenError("circuit breaker open", retry_after=3, **WHERE))
 
     response = app.test_client().post(
-        "/api/chat", json={"model": "fake/m", "messages": MESSAGES, "stream": True}
+        "/api/chat",
+        json={"model": "fake/m", "messages": MESSAGES, "stream": True},
+        headers=api_key_headers(app),
     )
 
     assert response.status_code == 200
@@ -146,7 +150,9 @@ def test_embeddings_answer_by_the_same_lookup(fake_app):
     app, fake = fake_app
     fake.add_error(LLMRateLimitError("slow down", retry_after=0.2, **WHERE))
 
-    response = app.test_client().post("/api/embeddings", json={"model": "fake/m", "input": ["a"]})
+    response = app.test_client().post(
+        "/api/embeddings", json={"model": "fake/m", "input": ["a"]}, headers=api_key_headers(app)
+    )
 
     _error(response, 429, "rate_limited")
     assert response.headers["Retry-After"] == "1"
@@ -160,9 +166,10 @@ def test_an_open_circuit_from_the_breaker_is_a_503_with_retry_after(make_app):
     fake = install_fake_llm(app)
     fake.add_error(LLMServerError("HTTP 500", status_code=500, **WHERE))
     client = app.test_client()
+    headers = api_key_headers(app)
 
-    first = client.post("/api/chat", json={"model": "fake/m", "messages": MESSAGES})
-    second = client.post("/api/chat", json={"model": "fake/m", "messages": MESSAGES})
+    first = client.post("/api/chat", json={"model": "fake/m", "messages": MESSAGES}, headers=headers)
+    second = client.post("/api/chat", json={"model": "fake/m", "messages": MESSAGES}, headers=headers)
 
     _error(first, 502, "upstream_error")
     _error(second, 503, "circuit_open")
@@ -210,7 +217,9 @@ ARRAY_SCHEMA = {"name": "x", "schema": {"type": "array"}}  # the layer decodes i
 )  # fmt: skip
 def test_a_bad_request_names_the_exact_field_and_sends_nothing(openai_app, local_server, stream, body, field):
     response = openai_app.test_client().post(
-        "/api/chat", json={**body, "model": "openai/gpt-4o", "stream": stream}
+        "/api/chat",
+        json={**body, "model": "openai/gpt-4o", "stream": stream},
+        headers=api_key_headers(openai_app),
     )
 
     error = _error(response, 400, "invalid_request")

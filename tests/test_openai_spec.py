@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from app.services.openai_service import get_openai_client
-from tests.conftest import CANARY_KEY
+from tests.conftest import CANARY_KEY, api_key_headers
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,9 @@ def spec_app(make_app, prism):
 
 
 def _chat(app, messages, model="gpt-4o-mini", **extra):
-    return app.test_client().post("/api/chat", json={"messages": messages, "model": model, **extra})
+    return app.test_client().post(
+        "/api/chat", json={"messages": messages, "model": model, **extra}, headers=api_key_headers(app)
+    )
 
 
 @pytest.mark.parametrize(

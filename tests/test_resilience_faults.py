@@ -52,7 +52,7 @@ from app.llm import (
 )
 from app.llm.resilience.breaker import CircuitBreakers
 from app.llm.resilience.settings import BreakerPolicy
-from tests.conftest import ROOT
+from tests.conftest import ROOT, api_key_for_env
 from tests.faultproxy import FaultProxy
 from tests.servers import free_port
 from tests.test_gunicorn import clean_env, run_gunicorn, wait_until_listening
@@ -593,12 +593,13 @@ def test_a_rate_limit_holds_across_two_gunicorn_workers(
     )
     url = f"http://127.0.0.1:{env['PORT']}/api/chat"
     payload = json.dumps({"model": f"openai/{model}", "messages": USER}).encode()
+    key = api_key_for_env(env, rpm=0)  # /api's own quota off: this test is about the LLM limit
 
     def post(_: int) -> tuple[int, int, str | None]:
         import urllib.error
         import urllib.request
 
-        request = urllib.request.Request(url, payload, {"Content-Type": "application/json"})
+        request = urllib.request.Request(url, payload, {"Content-Type": "application/json", **key})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, int(response.headers["X-Worker-Pid"]), None

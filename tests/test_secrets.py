@@ -33,7 +33,7 @@ from app.services.db_service import transaction
 from app.services.genai_service import get_genai_client
 from app.services.openai_service import get_openai_client
 from app.services.redis_service import get_redis_client
-from tests.conftest import CANARY_GEMINI_KEY, CANARY_KEY, chat_completion
+from tests.conftest import CANARY_GEMINI_KEY, CANARY_KEY, api_key_headers, chat_completion
 from tests.servers import RedisServer, start_redis
 
 PROFILE_KEY = "sk-profile-canary-3e8d1c0b9a7f6e5d4c3b2a19"
@@ -123,7 +123,9 @@ def _all_log_text(caplog: pytest.LogCaptureFixture) -> str:
 
 def _chat(app: Flask, profile: str = "default"):
     return app.test_client().post(
-        "/api/chat", json={"messages": [{"role": "user", "content": "hi"}], "model": "m", "profile": profile}
+        "/api/chat",
+        json={"messages": [{"role": "user", "content": "hi"}], "model": "m", "profile": profile},
+        headers=api_key_headers(app),
     )
 
 
