@@ -80,6 +80,8 @@ DEFAULTS: dict[str, Any] = {
     "LLM_POLICY": None,
     "LLM_HOOKS": None,
     "LLM_CALL_LOG": True,
+    "LLM_MODELS": None,
+    "LLM_DROP_UNSUPPORTED": False,
     "HEALTH_CHECK_TIMEOUT": 2.0,
     "HEALTH_OPTIONAL_SERVICES": "",
     # /api: keys, quotas and request bounds (app.api_keys, app.api_quotas, app.api_body).

@@ -10,9 +10,11 @@ their laziness, fork safety and reset.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
@@ -22,9 +24,11 @@ from app.config import get_bool, get_str
 from app.connectors._base import register
 from app.connectors.anthropic_connector import AnthropicConnector, parse_anthropic_settings
 from app.errors import ConfigError, ServiceNotConfiguredError, UnknownProfileError
-from app.llm.errors import LLMBadRequestError, LLMError, LLMNotConfiguredError
+from app.llm import params
+from app.llm.catalogue import Catalogue, ModelInfo, parse_overrides
+from app.llm.errors import LLMBadRequestError, LLMContextLengthError, LLMError, LLMNotConfiguredError
 from app.llm.hooks import CallKind, CallLogHook, HookChain, LLMCall, LLMHook, load_hooks
-from app.llm.providers.base import ChatRequest, EmbedRequest, Provider
+from app.llm.providers.base import ChatRequest, EmbedRequest, Provider, is_json_mode
 from app.llm.resilience.settings import ResilienceSettings, parse_resilience_settings
 from app.llm.resilience.steps import run_async, run_sync
 from app.llm.streaming import AsyncChatStream, ChatStream
@@ -39,23 +43,45 @@ if TYPE_CHECKING:
     from app.llm.pipeline import Build, Pipeline
     from app.llm.resilience.executor import Guards
 
+logger = logging.getLogger(__name__)
+
 EXTENSION_KEY = "llm"
 OPENAI_PROVIDER = "openai"  # addresses the "default" OpenAI profile
 
 
 class CallOptions(TypedDict, total=False):
-    """The keywords of ``chat``, ``achat``, ``chat_stream`` and ``achat_stream``."""
+    """The keywords of ``chat``, ``achat``, ``chat_stream`` and ``achat_stream``.
+
+    The generation parameters are validated by :mod:`app.llm.params` and sent in each
+    provider's own form (README, "Parameters, usage and the model catalogue").
+    """
 
     temperature: float | None
     max_tokens: int | None
     tools: Sequence[Any] | None
     tool_choice: Any
+    #: A pydantic model class, a JSON schema dict, or ``{"type": "json_object"}`` (JSON mode).
     response_format: Any
     #: Who is calling: sent to providers that take it (OpenAI ``user``), and seen by hooks.
     user: str | None
     #: Whose account the call is on: seen by hooks (cache scope, usage, budgets), never sent.
     tenant: str | None
     fallbacks: Sequence[str] | None
+    top_p: float | None
+    top_k: int | None
+    #: A stop sequence, or a list of them.
+    stop: str | Sequence[str] | None
+    seed: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    #: ``minimal``, ``low``, ``medium`` or ``high``.
+    reasoning_effort: str | None
+    #: Tokens the model may spend thinking (Anthropic, Gemini).
+    thinking_budget: int | None
+    #: Gemini safety settings: ``{category: threshold}`` or ``[{"category", "threshold"}]``.
+    safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None
+    #: Merged into the provider's request body, for anything provider-specific.
+    extra: Mapping[str, Any] | None
 
 
 _CALL_OPTIONS = frozenset(CallOptions.__annotations__)
@@ -80,6 +106,9 @@ class LLM:
         default_model: str | None,
         resilience: ResilienceSettings,
         hooks: Sequence[LLMHook] = (),
+        catalogue: Catalogue | None = None,
+        *,
+        drop_unsupported: bool = False,
     ) -> None:
         self._app = weakref.ref(app)
         self.default_model = default_model
@@ -90,6 +119,11 @@ class LLM:
         self._providers: dict[str, Provider] = {}
         self._custom: dict[str, Callable[[str], Provider]] = {}
         self._lock = threading.Lock()
+        #: Context windows, maximum outputs, capabilities and prices (app.llm.catalogue).
+        self.catalogue = catalogue if catalogue is not None else Catalogue()
+        #: LLM_DROP_UNSUPPORTED: drop a parameter a provider cannot take instead of refusing the call.
+        self.drop_unsupported = drop_unsupported
+        self._dropped: set[tuple[str, str]] = set()
 
     @property
     def guards(self) -> Guards:
@@ -115,7 +149,9 @@ class LLM:
         if pipeline is None:
             from app.llm.pipeline import Pipeline
 
-            pipeline = self._pipeline = Pipeline(self.hooks, lambda: self.guards, self._typed_for)
+            pipeline = self._pipeline = Pipeline(
+                self.hooks, lambda: self.guards, self._typed_for, self.catalogue.cost
+            )
         return pipeline
 
     # --- providers ---------------------------------------------------------
@@ -185,50 +221,101 @@ class LLM:
     # --- requests ----------------------------------------------------------
 
     def _request(
-        self,
-        messages: Any,
-        model: str | None,
-        temperature: float | None,
-        max_tokens: int | None,
-        tools: Sequence[Any] | None,
-        tool_choice: Any,
-        response_format: Any,
-        user: str | None,
+        self, messages: Any, model: str | None, options: Mapping[str, Any]
     ) -> tuple[Provider, ChatRequest]:
+        """The validated request of one model of the chain (``options``: the call's keywords)."""
         address = model or self.default_model
         if not address:
             raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set", field="model")
         provider_name, model_name = split_model(address)
         try:
             normalised = normalise_messages(messages)
+            tools = options.get("tools")
             specs = normalise_tools(tools) if tools else []
+            tool_choice = options.get("tool_choice")
             choice = normalise_tool_choice(tool_choice, specs) if tool_choice is not None else None
-            if response_format is not None:
+            response_format = options.get("response_format")
+            if response_format is not None and not is_json_mode(response_format):
                 check_response_format(response_format)
-            if max_tokens is not None and (
-                not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-            ):
-                raise LLMBadRequestError(
-                    f"max_tokens must be a positive integer, got {max_tokens!r}", field="max_tokens"
-                )
+            parameters = params.validate(options)
             provider = self.provider(provider_name)
             request = ChatRequest(
                 provider=provider_name,
                 model=model_name,
                 messages=normalised,
-                temperature=temperature,
-                max_tokens=max_tokens,
                 tools=specs,
                 tool_choice=choice,
                 response_format=response_format,
-                user=user,
+                user=options.get("user"),
+                **parameters,
             )
+            request = self._supported(provider, request)
             provider.check(request)
+            self._check_model_limits(request)
         except LLMBadRequestError as exc:  # the layer's own checks: add provider and model
             raise LLMBadRequestError(
                 exc.message, field=exc.field, provider=provider_name, model=model_name
             ) from None
         return provider, request
+
+    def _supported(self, provider: Provider, request: ChatRequest) -> ChatRequest:
+        """With ``LLM_DROP_UNSUPPORTED``, ``request`` without what ``provider`` cannot send.
+
+        Otherwise unchanged: the provider's ``check()`` refuses those parameters by name.
+        """
+        unsupported = provider.unsupported_in(request) if self.drop_unsupported else ()
+        if not unsupported:
+            return request
+        for name in unsupported:
+            if (provider.name, name) not in self._dropped:  # one line per provider and parameter
+                self._dropped.add((provider.name, name))
+                logger.warning(
+                    "LLM_DROP_UNSUPPORTED: %s is not supported by provider %r and is dropped from its calls",
+                    name,
+                    provider.name,
+                )
+        dropped: dict[str, Any] = dict.fromkeys(unsupported)
+        return replace(request, **dropped)
+
+    def _check_model_limits(self, request: ChatRequest) -> None:
+        """``max_tokens`` within the model's maximum output, when the catalogue knows it."""
+        if request.max_tokens is None:
+            return
+        info = self.catalogue.lookup(request.provider, request.model)
+        limit = info.max_output_tokens if info is not None else None
+        if limit is not None and request.max_tokens > limit:
+            raise LLMBadRequestError(
+                f"max_tokens {request.max_tokens} is above the maximum output of"
+                f" {request.provider}/{request.model} ({limit} tokens)",
+                field="max_tokens",
+            )
+
+    def _fits(self, provider: Provider, request: ChatRequest) -> tuple[Provider, ChatRequest]:
+        """A fallback model whose context window is smaller than the request's estimate is skipped.
+
+        Raises LLMContextLengthError, which the chain records as that model's attempt and
+        passes over; the estimate is the rate limiter's (prompt text / 4) plus ``max_tokens``.
+        """
+        info = self.catalogue.lookup(request.provider, request.model)
+        if info is None or info.context_window is None:
+            return provider, request
+        from app.llm.resilience.ratelimit import DEFAULT_ANSWER_TOKENS, estimate_tokens
+
+        budget = request.max_tokens if request.max_tokens is not None else DEFAULT_ANSWER_TOKENS
+        needed = estimate_tokens(request) - budget + (request.max_tokens or 0)
+        if needed > info.context_window:
+            raise LLMContextLengthError(
+                f"skipped: the request needs about {needed} tokens, more than the"
+                f" {info.context_window}-token context window of {request.provider}/{request.model}",
+                **request.context(),
+            )
+        return provider, request
+
+    def model_info(self, address: str) -> ModelInfo:
+        """What the catalogue knows of ``"provider/model"`` (context window, maximum output,
+        capabilities, prices per million tokens); :class:`UnknownModelError` when nothing."""
+        split_model(address)
+        return self.catalogue.info(address)
 
     def _typed_for(
         self, provider: Provider, request: ChatRequest | EmbedRequest
@@ -268,19 +355,11 @@ class LLM:
             unknown = ", ".join(sorted(options.keys() - _CALL_OPTIONS))
             raise TypeError(f"unexpected keyword argument(s): {unknown}")
         chain = self._chain(model, options.get("fallbacks"))
-        shape = (
-            options.get("temperature"),
-            options.get("max_tokens"),
-            options.get("tools"),
-            options.get("tool_choice"),
-            options.get("response_format"),
-            options.get("user"),
-        )
-        first = self._request(messages, chain[0], *shape)
+        first = self._request(messages, chain[0], options)
 
         def build(address: str) -> tuple[Provider, ChatRequest]:
             # The primary's request is built once; a fallback's only when it is needed.
-            return first if address == chain[0] else self._request(messages, address, *shape)
+            return first if address == chain[0] else self._fits(*self._request(messages, address, options))
 
         request = first[1]
         call = LLMCall(
@@ -302,7 +381,7 @@ class LLM:
 
     def chat(self, messages: Any, model: str | None = None, **options: Unpack[CallOptions]) -> ChatResponse:
         """One answer: ``temperature``, ``max_tokens``, ``tools``, ``tool_choice``, ``response_format``,
-        ``user``, ``tenant``, ``fallbacks`` (see :class:`CallOptions`)."""
+        ``user``, ``tenant``, ``fallbacks`` and the generation parameters (see :class:`CallOptions`)."""
         call, chain, build = self._prepare("chat", False, messages, model, options)
         return run_sync(self.pipeline.chat(call, chain, build))
 
@@ -409,7 +488,14 @@ def init_app(app: Flask) -> None:
         raise RuntimeError(f"app.llm.init_app() was already called on app {app.name!r}")
     hooks: list[LLMHook] = [CallLogHook()] if get_bool(app.config, "LLM_CALL_LOG") else []
     hooks += load_hooks(_hook_paths(app.config.get("LLM_HOOKS")))
-    app.extensions[EXTENSION_KEY] = LLM(app, default_model, parse_resilience_settings(app.config), hooks)
+    app.extensions[EXTENSION_KEY] = LLM(
+        app,
+        default_model,
+        parse_resilience_settings(app.config),
+        hooks,
+        Catalogue(parse_overrides(app.config.get("LLM_MODELS"))),
+        drop_unsupported=get_bool(app.config, "LLM_DROP_UNSUPPORTED"),
+    )
 
 
 def _hook_paths(value: Any) -> list[str]:

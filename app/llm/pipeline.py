@@ -30,6 +30,7 @@ from app.llm.types import ChatResponse
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from decimal import Decimal
 
 #: Builds the request for one model of the chain (validating it), or raises LLMError.
 Build = Callable[[str], tuple[Provider, Any]]
@@ -39,21 +40,27 @@ Attempt_ = Callable[[Provider, Any, Callable[[BaseException], LLMError]], Flow[A
 Send = Callable[[Provider, Any], Step]
 #: Maps an exception a provider raised to its typed error.
 TypedFor = Callable[[Provider, Any], Callable[[BaseException], LLMError]]
+#: What an answer of ``provider``/``model`` cost, in USD, or None when unknown.
+Price = Callable[[str, str, ChatResponse], "Decimal | None"]
 
 
 class Pipeline:
     """The flows of one app's calls: its hooks, its guards, its error mapping."""
 
-    def __init__(self, hooks: HookChain, guards: Callable[[], Guards], typed_for: TypedFor) -> None:
+    def __init__(
+        self, hooks: HookChain, guards: Callable[[], Guards], typed_for: TypedFor, price: Price | None = None
+    ) -> None:
         self.hooks = hooks
         self._guards = guards
         self._typed_for = typed_for
+        #: What an answer cost (the model catalogue's ``cost``); None: costs stay unknown.
+        self._price = price
 
     # --- the three kinds of call ---------------------------------------------------
 
     def chat(self, call: LLMCall, chain: Sequence[str], build: Build) -> Flow[ChatResponse]:
         attempt = self._through_policy(call, _send_chat, usage=response_tokens)
-        return self._answer(call, chain, build, attempt, _finish_chat)
+        return self._answer(call, chain, build, attempt, partial(_finish_chat, price=self._price))
 
     def embed(self, call: LLMCall, build: Build) -> Flow[EmbedResponse]:
         inputs = call.request.inputs if isinstance(call.request, EmbedRequest) else []
@@ -82,7 +89,7 @@ class Pipeline:
         except LLMError as error:
             yield from self.hooks.error(call, error)
             raise
-        return StreamRelay(call, self.hooks, opened, typed, _close_step)
+        return StreamRelay(call, self.hooks, opened, typed, _close_step, price=self._price)
 
     # --- shared ----------------------------------------------------------------------
 
@@ -169,13 +176,15 @@ def _finish_embed(call: LLMCall, vectors: Any) -> EmbedResponse:
     return EmbedResponse(vectors, call.provider, call.model)
 
 
-def _finish_chat(call: LLMCall, response: ChatResponse) -> ChatResponse:
+def _finish_chat(call: LLMCall, response: ChatResponse, *, price: Price | None = None) -> ChatResponse:
     response.latency_ms = call.latency_ms
     response.attempts = call.attempts
     request = call.request
     assert isinstance(request, ChatRequest)
     if request.response_format is not None and not response.tool_calls and response.parsed is None:
         response.parsed = parse_structured(request.response_format, response.content, **request.context())
+    if response.cost is None and price is not None:  # a hook's answer may carry its own
+        response.cost = price(request.provider, request.model, response)
     return response
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from app.llm.errors import LLMError
@@ -32,6 +33,8 @@ from app.llm.structured import parse_structured
 from app.llm.types import ChatResponse, ToolCall
 
 if TYPE_CHECKING:
+    from decimal import Decimal
+
     from app.llm.hooks import HookChain, LLMCall
     from app.llm.resilience.executor import Admission
 
@@ -59,13 +62,7 @@ class StreamAccumulator:
             call["name"] = call["name"] or event.name
             call["arguments"].append(event.arguments)
             return None
-        self.end = StreamEnd(
-            finish_reason=event.finish_reason or self.end.finish_reason,
-            input_tokens=event.input_tokens if event.input_tokens is not None else self.end.input_tokens,
-            output_tokens=event.output_tokens if event.output_tokens is not None else self.end.output_tokens,
-            total_tokens=event.total_tokens if event.total_tokens is not None else self.end.total_tokens,
-            model=event.model or self.end.model,
-        )
+        self.end = _merged(self.end, event)
         return None
 
     def used_tokens(self) -> int | None:
@@ -102,10 +99,28 @@ class StreamAccumulator:
             finish_reason=finish,
             tool_calls=tool_calls,
             latency_ms=(time.perf_counter() - self.started) * 1000,
+            reasoning_tokens=end.reasoning_tokens,
+            cached_input_tokens=end.cached_input_tokens,
+            cache_write_tokens=end.cache_write_tokens,
+            response_id=end.response_id,
         )
         if request.response_format is not None and not tool_calls and not partial:
             response.parsed = parse_structured(request.response_format, content, **context)
         return response
+
+
+#: The fields of a StreamEnd: a later event's value replaces an earlier one's, None keeps it.
+_END_FIELDS = tuple(f.name for f in fields(StreamEnd))
+
+
+def _merged(end: StreamEnd, event: StreamEnd) -> StreamEnd:
+    """``end`` updated by ``event``: what an event leaves out (None, or an empty name) stands."""
+    return StreamEnd(
+        **{
+            name: new if (new := getattr(event, name)) or new == 0 else getattr(end, name)
+            for name in _END_FIELDS
+        }
+    )
 
 
 def response_events(response: ChatResponse) -> list[StreamEvent]:
@@ -122,6 +137,10 @@ def response_events(response: ChatResponse) -> list[StreamEvent]:
             output_tokens=response.output_tokens,
             total_tokens=response.total_tokens,
             model=response.model,
+            reasoning_tokens=response.reasoning_tokens,
+            cached_input_tokens=response.cached_input_tokens,
+            cache_write_tokens=response.cache_write_tokens,
+            response_id=response.response_id,
         )
     )
     return events
@@ -162,9 +181,13 @@ class StreamRelay:
         opened: OpenStream,
         map_error: Callable[[BaseException], LLMError],
         close_step: Callable[[Any], Step],
+        *,
+        price: Callable[[str, str, ChatResponse], Decimal | None] | None = None,
     ) -> None:
         request = call.request
         assert isinstance(request, ChatRequest)
+        #: What the answer cost (the model catalogue's ``cost``), set on the final response.
+        self.price = price
         self.call = call
         self.hooks = hooks
         self.opened = opened
@@ -194,6 +217,9 @@ class StreamRelay:
             raise
         response.latency_ms = self.call.latency_ms
         response.attempts = self.call.attempts
+        if response.cost is None and self.price is not None:
+            request = self.accumulator.request
+            response.cost = self.price(request.provider, request.model, response)
         admission = self.opened.admission
         step = admission.end(None, self.accumulator.used_tokens()) if admission is not None else None
         if step is not None:

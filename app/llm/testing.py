@@ -15,9 +15,11 @@
 Script what the provider answers, in order; each call consumes the next item:
 
 * ``fake.add_response(content, tool_calls=..., usage=..., finish_reason=..., model=...)``:
-  one answer. ``content`` is text, a :class:`ChatResponse` (returned as is), a
-  pydantic model instance or a dict/list (sent as JSON text, so
-  ``response_format=`` validates it into ``r.parsed``), or None.
+  one answer (``usage`` may also give ``reasoning_tokens``, ``cached_input_tokens`` and
+  ``cache_write_tokens``; ``cost`` is the model catalogue's, None for ``fake/...``).
+  ``content`` is text, a :class:`ChatResponse` (returned as is), a pydantic model
+  instance or a dict/list (sent as JSON text, so ``response_format=`` validates it
+  into ``r.parsed``), or None.
 * ``fake.add_stream(["Hel", "lo"], tool_calls=..., usage=..., delay=0.01, error=...)``:
   an answer in chunks; ``delay`` sleeps before each chunk, ``error`` is raised
   after the chunks (a connection that breaks mid-stream).
@@ -42,7 +44,9 @@ message instead (and deterministic 8-number vectors for embeddings).
 Every call is recorded: ``fake.calls`` holds the :class:`ChatRequest` or
 :class:`EmbedRequest` the layer built (``.model``, ``.messages`` as
 validated :class:`Message` values with ``.role`` and ``.text``, ``.tools``,
-``.tool_choice``, ``.response_format``, ``.temperature``, ``.inputs``), and
+``.tool_choice``, ``.response_format``, ``.temperature`` and every other
+generation parameter (``.top_p``, ``.stop``, ``.seed``, ``.reasoning_effort``,
+``.thinking_budget``, ``.safety``, ``.extra``, ...), ``.inputs``), and
 ``fake.methods`` the matching method names (``"chat"``, ``"stream"``,
 ``"embed"``, ``"achat"``, ``"astream"``, ``"aembed"``). ``fake.pending`` is the
 number of scripted items left, ``fake.open_streams`` the number of streams
@@ -260,11 +264,12 @@ class FakeProvider(Provider):
         """(delay, event) pairs for a stream."""
         usage: Mapping[str, int | None] | None
         model: str | None
+        response_id = None
         if item is not None and item.response is not None:
             response = item.response
             chunks = [response.content] if response.content else []
             calls, usage = response.tool_calls, response.usage()
-            finish, model = response.finish_reason, response.model
+            finish, model, response_id = response.finish_reason, response.model, response.response_id
         elif item is not None:
             chunks = item.chunks if item.chunks is not None else ([item.content] if item.content else [])
             calls, usage, finish, model = item.tool_calls, item.usage, item.finish_reason, item.model
@@ -286,6 +291,10 @@ class FakeProvider(Provider):
                 output_tokens=final.output_tokens,
                 total_tokens=final.total_tokens,
                 model=final.model,
+                reasoning_tokens=final.reasoning_tokens,
+                cached_input_tokens=final.cached_input_tokens,
+                cache_write_tokens=final.cache_write_tokens,
+                response_id=response_id,
             ),
         )
 
@@ -434,6 +443,9 @@ def _build(
         total_tokens=total,
         finish_reason=finish_reason or ("tool_calls" if tool_calls else "stop"),
         tool_calls=list(tool_calls),
+        reasoning_tokens=usage.get("reasoning_tokens"),
+        cached_input_tokens=usage.get("cached_input_tokens"),
+        cache_write_tokens=usage.get("cache_write_tokens"),
     )
 
 

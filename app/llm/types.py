@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal, cast
 
 from app.llm.errors import LLMBadRequestError
@@ -48,6 +49,16 @@ class ChatResponse:
     raw: Any = field(default=None, repr=False)
     #: Every try this answer took, across retries and fallbacks (app.llm.resilience.Attempt).
     attempts: list[Any] = field(default_factory=list)
+    #: Output tokens spent thinking; already counted in ``output_tokens`` (billed as output).
+    reasoning_tokens: int | None = None
+    #: Input tokens read from the provider's prompt cache; already counted in ``input_tokens``.
+    cached_input_tokens: int | None = None
+    #: Input tokens written to the prompt cache (Anthropic); already counted in ``input_tokens``.
+    cache_write_tokens: int | None = None
+    #: The provider's id of this answer (``chatcmpl-...``, ``msg_...``, Gemini's ``responseId``).
+    response_id: str | None = None
+    #: USD for this answer: the usage priced by the model catalogue (genai-prices); None when unknown.
+    cost: Decimal | None = None
 
     @property
     def has_tool_calls(self) -> bool:
@@ -58,6 +69,9 @@ class ChatResponse:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "total_tokens": self.total_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
         }
 
 

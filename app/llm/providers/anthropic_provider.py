@@ -8,8 +8,9 @@ Translation to the Messages API: system messages become ``system``; tool
 results (``role="tool"``) become ``tool_result`` blocks in a user message;
 consecutive messages of one role merge, as Anthropic requires alternating
 roles; ``max_tokens``, which Anthropic requires, defaults to
-:data:`DEFAULT_MAX_TOKENS`; ``temperature`` travels in ``extra_body`` (the SDK
-no longer names it). Structured output uses the native JSON output
+:data:`DEFAULT_MAX_TOKENS`; ``temperature``, ``top_p`` and ``top_k`` travel in
+``extra_body`` (the SDK no longer names them), and so does ``extra`` where it
+adds to the body rather than to what the layer built. Structured output uses the native JSON output
 (``output_config.format``). Anthropic has no embeddings API.
 """
 
@@ -40,6 +41,8 @@ from app.llm.providers.base import (
     TextDelta,
     ToolCallDelta,
     WithoutRetries,
+    is_json_mode,
+    merge_body,
 )
 from app.llm.structured import json_schema
 from app.llm.types import ChatResponse, FinishReason, ImagePart, Message, TextPart, ToolCall, system_text
@@ -53,8 +56,14 @@ except ImportError:  # the optional extra; the layer imports this module on firs
         setting="the anthropic package",
     ) from None
 
-#: Anthropic requires ``max_tokens``; this applies when the caller gives none.
+#: Anthropic requires ``max_tokens``; this applies when the caller gives none (on top of a
+#: thinking budget, which must be less than ``max_tokens``).
 DEFAULT_MAX_TOKENS = 1024
+#: The smallest ``thinking.budget_tokens`` the Messages API takes.
+MIN_THINKING_BUDGET = 1024
+#: Sampling parameters the SDK (1.0+) no longer names: sent in ``extra_body``, as its
+#: migration guide does, which keeps the wire format.
+SAMPLING = ("temperature", "top_p", "top_k")
 
 FINISH_REASONS: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -155,22 +164,54 @@ def translate_messages(
     return system_text(messages), translated
 
 
+def check_parameters(request: ChatRequest) -> None:
+    """What the Messages API refuses, by name, before anything is sent."""
+    if request.temperature is not None and request.temperature > 1:
+        raise LLMBadRequestError("Anthropic takes a temperature from 0 to 1", field="temperature")
+    if is_json_mode(request.response_format):
+        raise LLMBadRequestError(
+            "Anthropic has no JSON mode ({'type': 'json_object'}); give response_format a JSON schema"
+            " or a pydantic model instead",
+            field="response_format",
+        )
+    budget = request.thinking_budget
+    if budget is None:
+        return
+    if budget < MIN_THINKING_BUDGET:
+        raise LLMBadRequestError(
+            f"Anthropic takes a thinking_budget of {MIN_THINKING_BUDGET} tokens or more",
+            field="thinking_budget",
+        )
+    if request.max_tokens is not None and budget >= request.max_tokens:
+        raise LLMBadRequestError(
+            "Anthropic needs thinking_budget below max_tokens (thinking counts towards it)",
+            field="thinking_budget",
+        )
+    for name in ("temperature", "top_k"):
+        if getattr(request, name) is not None:
+            raise LLMBadRequestError(f"Anthropic takes no {name} with thinking (thinking_budget)", field=name)
+
+
+def max_tokens(request: ChatRequest) -> int:
+    """``max_tokens`` as sent: the caller's, else the default on top of any thinking budget."""
+    if request.max_tokens is not None:
+        return request.max_tokens
+    return DEFAULT_MAX_TOKENS + (request.thinking_budget or 0)
+
+
 def build_params(request: ChatRequest) -> dict[str, Any]:
     """The keyword arguments of ``client.messages.create`` for ``request``."""
     context = request.context()
     system, messages = translate_messages(request.messages, context)
-    params: dict[str, Any] = {
-        "model": request.model,
-        "messages": messages,
-        "max_tokens": request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS,
-    }
+    params: dict[str, Any] = {"model": request.model, "messages": messages, "max_tokens": max_tokens(request)}
     if system:
         params["system"] = system
-    if request.temperature is not None:
-        # The SDK (1.0+) dropped the sampling parameters from its signature; its migration
-        # guide sends them in extra_body, which keeps the wire format. Models that no longer
-        # take a temperature answer 400, which the caller sees as an LLMBadRequestError.
-        params["extra_body"] = {"temperature": request.temperature}
+    # Models that no longer take a sampling parameter answer 400 (an LLMBadRequestError).
+    body = {name: getattr(request, name) for name in SAMPLING if getattr(request, name) is not None}
+    if request.stop is not None:
+        params["stop_sequences"] = list(request.stop)
+    if request.thinking_budget is not None:
+        params["thinking"] = {"type": "enabled", "budget_tokens": request.thinking_budget}
     if request.user is not None:
         params["metadata"] = {"user_id": request.user}
     if request.tools:
@@ -193,6 +234,11 @@ def build_params(request: ChatRequest) -> dict[str, Any]:
     if request.response_format is not None:
         schema = anthropic.transform_schema(json_schema(request.response_format))
         params["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+    for key, value in (request.extra or {}).items():
+        # Into what the layer built (an SDK keyword, the same JSON key), else the body as is.
+        merge_body(params if key in params else body, {key: value})
+    if body:
+        params["extra_body"] = body
     return params
 
 
@@ -209,6 +255,17 @@ def _input_tokens(usage: Any) -> int | None:
         + (getattr(usage, "cache_creation_input_tokens", None) or 0)
         + (getattr(usage, "cache_read_input_tokens", None) or 0)
     )
+
+
+def usage_detail(usage: Any) -> dict[str, Any]:
+    """Thinking, cache-read and cache-write tokens (``output_tokens_details.thinking_tokens``,
+    ``cache_read_input_tokens``, ``cache_creation_input_tokens``), as StreamEnd/ChatResponse fields."""
+    details = getattr(usage, "output_tokens_details", None)
+    return {
+        "reasoning_tokens": getattr(details, "thinking_tokens", None) if details is not None else None,
+        "cached_input_tokens": getattr(usage, "cache_read_input_tokens", None),
+        "cache_write_tokens": getattr(usage, "cache_creation_input_tokens", None),
+    }
 
 
 def _finish_reason(stop_reason: str | None) -> FinishReason | None:
@@ -244,6 +301,8 @@ def translate_response(request: ChatRequest, message: Any) -> ChatResponse:
         finish_reason=_finish_reason(message.stop_reason),
         tool_calls=tool_calls,
         raw=message,
+        response_id=message.id or None,
+        **(usage_detail(usage) if usage is not None else {}),
     )
 
 
@@ -252,7 +311,12 @@ def translate_event(event: Any) -> Iterator[StreamEvent]:
     kind = event.type
     if kind == "message_start":
         message = event.message
-        yield StreamEnd(input_tokens=_input_tokens(message.usage), model=message.model)
+        yield StreamEnd(
+            input_tokens=_input_tokens(message.usage),
+            model=message.model,
+            response_id=message.id or None,
+            **usage_detail(message.usage),
+        )
     elif kind == "content_block_start":
         block = event.content_block
         if block.type == "tool_use":
@@ -272,6 +336,7 @@ def translate_event(event: Any) -> Iterator[StreamEvent]:
             finish_reason=_finish_reason(event.delta.stop_reason),
             input_tokens=_input_tokens(usage) if usage is not None else None,
             output_tokens=usage.output_tokens if usage is not None else None,
+            **(usage_detail(usage) if usage is not None else {}),
         )
 
 
@@ -306,9 +371,18 @@ class _SyncEvents(Iterator[StreamEvent]):
 class AnthropicProvider(Provider):
     """The Messages API; one instance per LLM layer."""
 
+    unsupported_parameters = frozenset(
+        {"seed", "presence_penalty", "frequency_penalty", "reasoning_effort", "safety"}
+    )
+    family = "Anthropic Messages API"
+
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self._without_retries = WithoutRetries()  # the layer retries, not the SDK
+
+    def check(self, request: ChatRequest) -> None:
+        super().check(request)
+        check_parameters(request)
 
     @staticmethod
     def _connector() -> AnthropicConnector:

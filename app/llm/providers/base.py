@@ -9,20 +9,48 @@ retries, caching or accounting: those wrap every provider alike, above it.
 
 from __future__ import annotations
 
+import copy
 import json
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from app.llm.errors import LLMError, LLMResponseError
+from app.llm.errors import LLMBadRequestError, LLMError, LLMResponseError
 from app.llm.tools import ToolChoice, ToolSpec
 from app.llm.types import ChatResponse, FinishReason, Message, ToolCall
+
+#: ``reasoning_effort`` values: how much a reasoning model thinks before it answers.
+ReasoningEffort = Literal["minimal", "low", "medium", "high"]
+REASONING_EFFORTS: tuple[str, ...] = ("minimal", "low", "medium", "high")
+
+#: The generation parameters of a :class:`ChatRequest` that a provider may be unable to send.
+#: An adapter lists the ones it cannot take in :attr:`Provider.unsupported_parameters`.
+GENERATION_PARAMETERS: tuple[str, ...] = (
+    "top_p",
+    "top_k",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "reasoning_effort",
+    "thinking_budget",
+    "safety",
+)
 
 
 @dataclass(frozen=True)
 class ChatRequest:
+    """One validated call for one model: everything an adapter sends, and nothing else.
+
+    Every parameter is a field (the response cache hashes them all), in the
+    validated, normalised form :mod:`app.llm.params` makes of the caller's
+    values. Fields are keywords with defaults, so a new one (a per-call
+    credential, which would be ``repr=False`` and marked as a secret in its
+    field metadata, kept out of any cache key) adds to it without reshaping it.
+    """
+
     provider: str
     model: str
     messages: list[Message]
@@ -30,11 +58,26 @@ class ChatRequest:
     max_tokens: int | None = None
     tools: list[ToolSpec] = field(default_factory=list)
     tool_choice: ToolChoice | None = None
-    #: Structured output: a pydantic model class, a JSON schema dict, or None.
+    #: Structured output: a pydantic model class, a JSON schema dict, ``{"type": "json_object"}``
+    #: (JSON mode: any JSON object), or None.
     response_format: Any = None
     user: str | None = None
     #: Seconds this attempt may take, when the call's deadline leaves less than the client's timeout.
     timeout: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    #: Stop sequences (a single string arrives as a one-item tuple).
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    #: Tokens the model may think for (Anthropic ``thinking.budget_tokens``, Gemini ``thinkingBudget``).
+    thinking_budget: int | None = None
+    #: Gemini safety settings as ``(category, threshold)`` pairs, upper-case names.
+    safety: tuple[tuple[str, str], ...] | None = None
+    #: Merged into the provider's request body (nested objects merge key by key).
+    extra: dict[str, Any] | None = None
 
     def context(self) -> dict[str, Any]:
         """Keyword arguments that put provider and model on an LLMError."""
@@ -76,6 +119,13 @@ class StreamEnd:
     output_tokens: int | None = None
     total_tokens: int | None = None
     model: str | None = None
+    #: Output tokens spent thinking (part of ``output_tokens``).
+    reasoning_tokens: int | None = None
+    #: Input tokens read from the provider's prompt cache (part of ``input_tokens``).
+    cached_input_tokens: int | None = None
+    #: Input tokens written to the prompt cache (Anthropic; part of ``input_tokens``).
+    cache_write_tokens: int | None = None
+    response_id: str | None = None
 
 
 StreamEvent = TextDelta | ToolCallDelta | StreamEnd
@@ -107,14 +157,28 @@ class Provider(ABC):
     @abstractmethod
     async def aembed(self, request: EmbedRequest) -> list[list[float]]: ...
 
+    #: Generation parameters (of :data:`GENERATION_PARAMETERS`) this adapter cannot send. The
+    #: layer drops them instead of refusing the call when ``LLM_DROP_UNSUPPORTED`` is on.
+    unsupported_parameters: frozenset[str] = frozenset()
+    #: A short name of the API family, for messages ("OpenAI-compatible", "Gemini", ...).
+    family: str = ""
+
+    def unsupported_in(self, request: ChatRequest) -> list[str]:
+        """The parameters set on ``request`` that this adapter cannot send."""
+        return [name for name in GENERATION_PARAMETERS
+                if name in self.unsupported_parameters and getattr(request, name) is not None]  # fmt: skip
+
     def check(self, request: ChatRequest) -> None:
         """Refuse what this provider cannot take, before any request or policy step.
 
         Raise :class:`~app.llm.errors.LLMBadRequestError` with ``field`` naming the
         parameter (a schema it cannot read, a parameter it does not support). The
         layer calls it for every model of a fallback chain when it builds its request.
+        This default refuses the :attr:`unsupported_parameters` set on the request;
+        an adapter that overrides it calls ``super().check(request)`` first.
         """
-        return  # a hook: most providers take everything the layer has checked
+        for name in self.unsupported_in(request):
+            raise unsupported_parameter(self, name)
 
     @abstractmethod
     def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
@@ -150,6 +214,35 @@ class WithoutRetries:
             self._copies[client] = copy
         self._last = (client, copy)
         return copy
+
+
+def unsupported_parameter(provider: Provider, name: str) -> LLMBadRequestError:
+    family = f" ({provider.family})" if provider.family else ""
+    return LLMBadRequestError(
+        f"{name} is not supported by provider {provider.name!r}{family}; leave it out, send a"
+        " provider-specific form in extra=..., or set LLM_DROP_UNSUPPORTED=true to drop it",
+        field=name,
+    )
+
+
+def is_json_mode(response_format: Any) -> bool:
+    """``{"type": "json_object"}``: any JSON object, without a schema (OpenAI's JSON mode)."""
+    return isinstance(response_format, Mapping) and response_format.get("type") == "json_object"
+
+
+def merge_body(body: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``extra`` merged into a request ``body`` in place: objects key by key, anything else replaced.
+
+    The same rule google-genai applies to its ``extra_body``, so ``extra`` means the same
+    for every provider.
+    """
+    for key, value in (extra or {}).items():
+        current = body.get(key)
+        if isinstance(current, dict) and isinstance(value, Mapping):
+            body[key] = merge_body(dict(current), value)
+        else:
+            body[key] = copy.deepcopy(value)
+    return body
 
 
 def parse_arguments(name: str, text: str | None, **context: Any) -> dict[str, Any]:

@@ -61,6 +61,7 @@ from app.llm.providers.base import (
     StreamEvent,
     TextDelta,
     ToolCallDelta,
+    is_json_mode,
 )
 from app.llm.structured import json_schema
 from app.llm.types import (
@@ -257,24 +258,86 @@ def tool_config(request: ChatRequest) -> types.ToolConfig | None:
     return types.ToolConfig(function_calling_config=calling)
 
 
-def generate_config(request: ChatRequest) -> types.GenerateContentConfig:
-    config = types.GenerateContentConfig(
-        # The tools are declarations for the caller to run, never Python callables.
-        automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
-    )
+#: Request fields -> the GenerateContentConfig fields (``generationConfig`` on the wire) they fill.
+SAMPLING = {
+    "temperature": "temperature",
+    "max_tokens": "max_output_tokens",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+#: Gemini's ``seed`` is an int32.
+INT32 = 2**31
+
+
+def check_request(request: ChatRequest) -> None:
+    """What Gemini cannot take, refused by name before anything is sent."""
+    if request.seed is not None and not -INT32 <= request.seed < INT32:
+        raise LLMBadRequestError("Gemini takes a 32-bit seed (-2**31 to 2**31 - 1)", field="seed")
+    if request.reasoning_effort is not None and request.thinking_budget is not None:
+        raise LLMBadRequestError(
+            "Gemini takes reasoning_effort (thinkingLevel) or thinking_budget, not both",
+            field="thinking_budget",
+        )
+    for index, (category, threshold) in enumerate(request.safety or ()):
+        if category not in types.HarmCategory.__members__:
+            known = ", ".join(types.HarmCategory.__members__)
+            raise LLMBadRequestError(
+                f"unknown Gemini safety category {category!r}; known: {known}",
+                field=f"safety[{index}].category",
+            )
+        if threshold not in types.HarmBlockThreshold.__members__:
+            known = ", ".join(types.HarmBlockThreshold.__members__)
+            raise LLMBadRequestError(
+                f"unknown Gemini safety threshold {threshold!r}; known: {known}",
+                field=f"safety[{index}].threshold",
+            )
+
+
+def http_options(request: ChatRequest) -> types.HttpOptions | None:
+    """This attempt's shorter timeout, and ``extra`` merged into the body (google-genai's ``extra_body``)."""
+    options = types.HttpOptions(extra_body=request.extra) if request.extra else None
     if request.timeout is not None:
         from app.connectors.genai_connector import current_genai_connector
 
         if request.timeout < current_genai_connector().settings.timeout:
             # A shorter timeout for this attempt: the call's deadline leaves less than GENAI_TIMEOUT.
-            config.http_options = types.HttpOptions(timeout=max(1, round(request.timeout * 1000)))
+            options = options or types.HttpOptions()
+            options.timeout = max(1, round(request.timeout * 1000))
+    return options
+
+
+def generate_config(request: ChatRequest) -> types.GenerateContentConfig:
+    config = types.GenerateContentConfig(
+        # The tools are declarations for the caller to run, never Python callables.
+        automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+    )
+    config.http_options = http_options(request)
     system = system_text(request.messages)
     if system:
         config.system_instruction = system
-    if request.temperature is not None:
-        config.temperature = request.temperature
-    if request.max_tokens is not None:
-        config.max_output_tokens = request.max_tokens
+    for name, setting in SAMPLING.items():
+        value = getattr(request, name)
+        if value is not None:
+            setattr(config, setting, value)
+    if request.stop is not None:
+        config.stop_sequences = list(request.stop)
+    if request.thinking_budget is not None or request.reasoning_effort is not None:
+        config.thinking_config = types.ThinkingConfig(
+            thinking_budget=request.thinking_budget,
+            thinking_level=types.ThinkingLevel(request.reasoning_effort.upper())
+            if request.reasoning_effort is not None
+            else None,
+        )
+    if request.safety is not None:
+        config.safety_settings = [
+            types.SafetySetting(
+                category=types.HarmCategory(category), threshold=types.HarmBlockThreshold(threshold)
+            )
+            for category, threshold in request.safety
+        ]
     if request.tools:
         config.tools = [
             types.Tool(
@@ -289,7 +352,9 @@ def generate_config(request: ChatRequest) -> types.GenerateContentConfig:
             )
         ]
     config.tool_config = tool_config(request)
-    if request.response_format is not None:
+    if is_json_mode(request.response_format):
+        config.response_mime_type = "application/json"  # JSON mode: any JSON, no schema
+    elif request.response_format is not None:
         config.response_mime_type = "application/json"
         config.response_json_schema = json_schema(request.response_format)
     return config
@@ -319,6 +384,13 @@ def usage(metadata: Any) -> tuple[int | None, int | None, int | None]:
     return metadata.prompt_token_count, output, metadata.total_token_count
 
 
+def usage_detail(metadata: Any) -> tuple[int | None, int | None]:
+    """(reasoning, cached input) tokens: ``thoughtsTokenCount``, ``cachedContentTokenCount``."""
+    if metadata is None:
+        return None, None
+    return metadata.thoughts_token_count, metadata.cached_content_token_count
+
+
 def _blocked(response: Any) -> bool:
     feedback = getattr(response, "prompt_feedback", None)
     return feedback is not None and feedback.block_reason is not None
@@ -335,7 +407,9 @@ class _Reader:
         self.finish: FinishReason | None = None
         self.blocked = False
         self.usage: tuple[int | None, int | None, int | None] = (None, None, None)
+        self.detail: tuple[int | None, int | None] = (None, None)
         self.model: str | None = None
+        self.response_id: str | None = None
 
     def read(self, response: Any) -> tuple[list[str], list[ToolCall]]:
         """Text and tool calls of one response or chunk; records the rest."""
@@ -355,7 +429,9 @@ class _Reader:
         self.blocked = self.blocked or _blocked(response)
         if response.usage_metadata is not None:
             self.usage = usage(response.usage_metadata)
+            self.detail = usage_detail(response.usage_metadata)
         self.model = response.model_version or self.model
+        self.response_id = response.response_id or self.response_id
         return texts, new_calls
 
     def _tool_call(self, part: Any) -> ToolCall:
@@ -382,6 +458,7 @@ class _Reader:
 
     def response(self, texts: list[str], raw: Any) -> ChatResponse:
         input_tokens, output_tokens, total_tokens = self.usage
+        reasoning, cached = self.detail
         return ChatResponse(
             content="".join(texts) or None,
             model=self.model or self.request.model,
@@ -392,6 +469,9 @@ class _Reader:
             finish_reason=self.finish_reason(),
             tool_calls=list(self.calls),
             raw=raw,
+            reasoning_tokens=reasoning,
+            cached_input_tokens=cached,
+            response_id=self.response_id,
         )
 
     def events(self, chunk: Any) -> Iterator[StreamEvent]:
@@ -404,12 +484,16 @@ class _Reader:
 
     def end(self) -> StreamEnd:
         input_tokens, output_tokens, total_tokens = self.usage
+        reasoning, cached = self.detail
         return StreamEnd(
             finish_reason=self.finish_reason(),
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             total_tokens=total_tokens,
             model=self.model,
+            reasoning_tokens=reasoning,
+            cached_input_tokens=cached,
+            response_id=self.response_id,
         )
 
 
@@ -423,9 +507,15 @@ async def _failing(exc: BaseException) -> AsyncIterator[StreamEvent]:
 
 
 class GeminiProvider(Provider):
+    family = "Gemini"  # takes every generation parameter of the layer
+
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.signatures = ThoughtSignatures()
+
+    def check(self, request: ChatRequest) -> None:
+        super().check(request)
+        check_request(request)
 
     def _build(self, request: ChatRequest) -> tuple[list[types.Content], types.GenerateContentConfig]:
         contents = translate_messages(

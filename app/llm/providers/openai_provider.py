@@ -38,6 +38,8 @@ from app.llm.providers.base import (
     TextDelta,
     ToolCallDelta,
     WithoutRetries,
+    is_json_mode,
+    merge_body,
     tool_call_from_json,
 )
 from app.llm.structured import schema_name, strict_json_schema
@@ -53,6 +55,19 @@ FINISH_REASONS: dict[str, FinishReason] = {
     "function_call": "tool_calls",
     "content_filter": "content_filter",
 }
+
+
+def usage_details(usage: Any) -> tuple[int | None, int | None]:
+    """(reasoning, cached input) tokens: ``completion_tokens_details.reasoning_tokens`` and
+    ``prompt_tokens_details.cached_tokens``, both already counted in the totals."""
+    if usage is None:
+        return None, None
+    completion = getattr(usage, "completion_tokens_details", None)
+    prompt = getattr(usage, "prompt_tokens_details", None)
+    return (
+        getattr(completion, "reasoning_tokens", None) if completion is not None else None,
+        getattr(prompt, "cached_tokens", None) if prompt is not None else None,
+    )
 
 
 def translate_message(message: Message) -> dict[str, Any]:
@@ -87,7 +102,26 @@ def translate_message(message: Message) -> dict[str, Any]:
     return {"role": "user", "content": content}
 
 
+#: OpenAI's own limit on stop sequences (compatible servers may take more).
+OPENAI_MAX_STOP = 4
+#: Request fields sent as they are, under their own name.
+SAME_NAME = (
+    "temperature",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "reasoning_effort",
+    "user",
+)
+
+
 class OpenAIProvider(Provider):
+    #: Chat Completions has no top_k, thinking budget or safety settings; send a server's
+    #: own form of them (vLLM's ``top_k``, say) in ``extra``.
+    unsupported_parameters = frozenset({"top_k", "thinking_budget", "safety"})
+    family = "OpenAI-compatible"
+
     def __init__(self, name: str, profile: str) -> None:
         super().__init__(name)
         self.profile = profile
@@ -179,18 +213,29 @@ class OpenAIProvider(Provider):
 
     # --- request ---------------------------------------------------------------
 
+    def check(self, request: ChatRequest) -> None:
+        super().check(request)
+        if request.stop is not None and len(request.stop) > OPENAI_MAX_STOP and self._is_openai():
+            raise LLMBadRequestError(f"OpenAI takes at most {OPENAI_MAX_STOP} stop sequences", field="stop")
+
+    def _is_openai(self) -> bool:
+        """OpenAI itself (the default profile, or Azure OpenAI) rather than a compatible server."""
+        return self.profile == "default" or self._is_azure()
+
     def _params(self, request: ChatRequest) -> dict[str, Any]:
         params: dict[str, Any] = {
             "model": request.model,
             "messages": [translate_message(m) for m in request.messages],
         }
-        if request.temperature is not None:
-            params["temperature"] = request.temperature
+        for name in SAME_NAME:
+            value = getattr(request, name)
+            if value is not None:
+                params[name] = value
         if request.max_tokens is not None:
-            key = "max_completion_tokens" if self.profile == "default" or self._is_azure() else "max_tokens"
+            key = "max_completion_tokens" if self._is_openai() else "max_tokens"
             params[key] = request.max_tokens
-        if request.user is not None:
-            params["user"] = request.user
+        if request.stop is not None:
+            params["stop"] = list(request.stop)
         if request.tools:
             params["tools"] = [
                 {
@@ -206,7 +251,9 @@ class OpenAIProvider(Provider):
                 if choice.mode == "tool"
                 else choice.mode
             )
-        if request.response_format is not None:
+        if is_json_mode(request.response_format):
+            params["response_format"] = {"type": "json_object"}
+        elif request.response_format is not None:
             params["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {
@@ -215,6 +262,8 @@ class OpenAIProvider(Provider):
                     "strict": True,
                 },
             }
+        if request.extra:
+            merge_body(params, request.extra)
         return params
 
     def _is_azure(self) -> bool:
@@ -234,6 +283,7 @@ class OpenAIProvider(Provider):
             if getattr(call, "function", None) is not None
         ]
         usage = completion.usage
+        reasoning, cached = usage_details(usage)
         return ChatResponse(
             content=message.content,
             model=completion.model or request.model,
@@ -244,6 +294,9 @@ class OpenAIProvider(Provider):
             finish_reason=FINISH_REASONS.get(choice.finish_reason or ""),
             tool_calls=tool_calls,
             raw=completion,
+            reasoning_tokens=reasoning,
+            cached_input_tokens=cached,
+            response_id=completion.id or None,
         )
 
     @staticmethod
@@ -264,11 +317,15 @@ class OpenAIProvider(Provider):
                 yield StreamEnd(finish_reason=FINISH_REASONS.get(choice.finish_reason), model=chunk.model)
         usage = getattr(chunk, "usage", None)
         if usage is not None:
+            reasoning, cached = usage_details(usage)
             yield StreamEnd(
                 input_tokens=usage.prompt_tokens,
                 output_tokens=usage.completion_tokens,
                 total_tokens=usage.total_tokens,
                 model=chunk.model,
+                reasoning_tokens=reasoning,
+                cached_input_tokens=cached,
+                response_id=chunk.id or None,
             )
 
     # --- the calls -------------------------------------------------------------
