@@ -24,14 +24,13 @@ before the first delta are ordinary JSON responses with their status codes.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, stream_with_context
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.blueprints import BlueprintSetupState
 
 from app.api_body import BodyError, json_body, text_size
@@ -45,13 +44,12 @@ from app.api_keys import (
 )
 from app.config import get_count
 from app.errors import ConfigError, UnknownProfileError
-from app.llm import ChatResponse, ChatStream, LLMError, LLMResponseError, LLMServerError, get_llm
+from app.llm import ChatResponse, LLMError, LLMResponseError, LLMServerError, get_llm
 from app.llm.client import OPENAI_PROVIDER
 from app.redaction import redact
+from app.sse import SSE_HEADERS, _sse, _sse_response, stream_chat  # noqa: F401 (moved there; importable here)
 
 bp = Blueprint("api", __name__, url_prefix="/api")
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class BadRequest(Exception):
@@ -291,11 +289,8 @@ def chat() -> Response:
     llm = get_llm()
     user, tenant = _whose()
     if call.stream:
-        try:
-            stream = llm.chat_stream(call.messages, call.model, **call.options, user=user, tenant=tenant)
-        except LLMError as exc:
-            return llm_error_response(exc)
-        return _sse_response(stream, "response_format" in call.options)
+        options = {**call.options, "user": user, "tenant": tenant}
+        return stream_chat(llm, call.messages, call.model, options, "response_format" in call.options)
     try:
         answer = llm.chat(call.messages, call.model, **call.options, user=user, tenant=tenant)
     except LLMError as exc:
@@ -336,58 +331,7 @@ def embeddings() -> Response:
     )
 
 
-# --- streaming ---------------------------------------------------------------------
-
-
-def _sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def _sse_response(stream: ChatStream, structured: bool) -> Response:
-    """Pull the first delta here, so that errors before it are JSON with their status codes."""
-    try:
-        first: str | None = next(stream)
-    except StopIteration:  # nothing but tool calls (or an empty answer)
-        first = None
-    except LLMError as exc:
-        stream.close()
-        return llm_error_response(exc)
-    except BaseException:
-        stream.close()
-        raise
-
-    def events() -> Iterator[str]:
-        try:
-            if first is not None:
-                yield _sse("delta", {"text": first})
-                for text in stream:
-                    yield _sse("delta", {"text": text})
-            answer = stream.response
-            done = {
-                "model": answer.model,
-                "provider": answer.provider,
-                "usage": _usage(answer),
-                "finish_reason": answer.finish_reason,
-                "tool_calls": _tool_calls(answer),
-            }
-            if structured:
-                done["parsed"] = answer.parsed
-            yield _sse("done", done)
-        except LLMError as exc:
-            status, body, _headers = llm_error_parts(exc)
-            yield _sse("error", {"error": {**body, "status": status}})
-        except Exception:
-            current_app.logger.exception("unhandled error in a chat stream")
-            body = _error_body("internal_error", "the server hit an unexpected error")
-            yield _sse("error", {"error": {**body, "status": 500}})
-        finally:
-            # Also when the WSGI server closes this generator because the client went away.
-            stream.close()
-
-    response = Response(stream_with_context(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
-    # A generator closed before its first step runs no ``finally``: close the upstream here too.
-    response.call_on_close(stream.close)
-    return response
+# --- streaming: app/sse.py ------------------------------------------------------------
 
 
 # --- errors ------------------------------------------------------------------------

@@ -5,7 +5,8 @@ this module once, in the master. ``GET /_diag`` then reports, from whichever
 worker answered: its pid, what the process held before it first used a
 service (SDK modules, clients inherited from the master), and the identity of
 each client it uses (the OpenAI client, after one chat completion against
-``OPENAI_BASE_URL``; the PostgreSQL backend pid; the Redis ``CLIENT ID``).
+``OPENAI_BASE_URL``; the PostgreSQL backend pid; the Redis ``CLIENT ID``), and
+what the master held when it forked (SDKs imported by gunicorn's hooks, clients).
 
 At exit, after gunicorn's ``worker_exit`` hook has run, each worker that
 served ``/_diag`` writes ``exit-<pid>.json`` into ``GUNICORN_DIAG_DIR``: whether
@@ -28,7 +29,7 @@ from typing import Any
 
 from flask import Response, jsonify
 
-from app import create_app
+from app import create_app, serving
 from app.connectors import _base
 from app.services import db_service
 from app.services.openai_service import get_openai_client
@@ -40,11 +41,37 @@ SDKS = ("openai", "redis", "httpx", "httpx2", "google.genai")
 #: The process that imported this module: the gunicorn master under --preload.
 MASTER_PID = os.getpid()
 app = create_app()
-#: What the master holds once the app is built: no SDK, no pooled database connection.
-MASTER_STATE = {
-    "sdks_loaded": sorted(m for m in SDKS if m in sys.modules),
-    "db_connections": app.extensions["db_service"].holds_connections,
-}
+
+
+def _built_clients() -> list[str]:
+    return sorted(
+        f"{key}.{name}"
+        for key, ext in app.extensions.items()
+        if isinstance(ext, _base.Connector)
+        for name, entry in ext.info().items()
+        if entry.get("client_built")
+    )
+
+
+def _master_state() -> dict[str, Any]:
+    """What the master holds once gunicorn's hooks have run: SDKs imported, no client, no connection."""
+    return {
+        "sdks_loaded": sorted(m for m in SDKS if m in sys.modules),
+        "db_connections": app.extensions["db_service"].holds_connections,
+        "clients_built": _built_clients(),
+    }
+
+
+#: What the master held when it forked its first worker (after gunicorn's on_starting hook ran).
+MASTER_STATE: dict[str, Any] = {}
+
+
+def _before_fork() -> None:
+    if os.getpid() == MASTER_PID and not MASTER_STATE:
+        MASTER_STATE.update(_master_state())
+
+
+os.register_at_fork(before=_before_fork)
 
 #: Per process, what it held before its first use of a service.
 _first_use: dict[int, dict[str, Any]] = {}
@@ -103,6 +130,11 @@ def diag() -> Response:
         master_pid=MASTER_PID,
         master_state=MASTER_STATE,
         first_use=_first_use[pid],
+        worker={
+            "kind": serving.current_worker().kind,
+            "concurrency": serving.current_worker().concurrency,
+            "gevent_patched": serving.gevent_patched(),
+        },
         openai_client=id(client),
         openai_client_again=id(get_openai_client()),
         content=completion.choices[0].message.content,

@@ -39,6 +39,7 @@ GRACEFUL_TIMEOUT = 30
 #: Variables that must not leak from the machine into the processes under test.
 CLEARED = {*DEFAULTS, "TESTING", "FLASK_DEBUG", "FLASK_APP", "PORT", "BIND", "WEB_CONCURRENCY",
            "GUNICORN_THREADS", "GUNICORN_TIMEOUT", "GUNICORN_PRELOAD", "GUNICORN_ACCESS_LOG",
+           "GUNICORN_WORKER_CLASS", "GUNICORN_WORKER_CONNECTIONS", "GEVENT_MONITOR_THREAD_ENABLE",
            "GUNICORN_CMD_ARGS", "INSTANCE_PATH", "DOTENV_PATH", "GUNICORN_DIAG_DIR"}  # fmt: skip
 
 
@@ -164,9 +165,13 @@ def eventually(check: Any, timeout: float = 3.0) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-@pytest.mark.parametrize("threads", ["1", "2"], ids=["sync", "gthread"])
+@pytest.mark.parametrize(
+    ("worker_class", "threads"),
+    [("gthread", "1"), ("gthread", "4"), ("gevent", "1")],
+    ids=["gthread-1", "gthread-4", "gevent"],
+)
 def test_preload_two_workers_each_build_their_own_clients_and_close_them_on_exit(
-    threads, tmp_path, postgres_server, redis_server, local_server
+    worker_class, threads, tmp_path, postgres_server, redis_server, local_server
 ):
     openai_upstream(local_server)
     report_dir = tmp_path / "reports"
@@ -174,6 +179,7 @@ def test_preload_two_workers_each_build_their_own_clients_and_close_them_on_exit
     env = clean_env(
         tmp_path,
         PORT=str(free_port()),
+        GUNICORN_WORKER_CLASS=worker_class,
         GUNICORN_THREADS=threads,
         SECRET_KEY=secrets.token_hex(32),
         DATABASE_URL=postgres_server.url,
@@ -205,15 +211,25 @@ def test_preload_two_workers_each_build_their_own_clients_and_close_them_on_exit
             assert first["content"] == "from upstream"
             # --preload: the module (and the app) was imported once, in the master ...
             assert {a["master_pid"] for a in seen} == {a["ppid"] for a in seen} == {master}
-            # ... which imported no SDK, opened no database connection ...
-            assert first["master_state"] == {"sdks_loaded": [], "db_connections": False}
-            # ... and handed no client down: the worker built each one on first use.
+            # ... which imported the SDKs of the configured services, but opened no database
+            # connection and built no client (importing is fork-safe, clients are not) ...
+            assert first["master_state"] == {
+                "sdks_loaded": ["httpx2", "openai", "redis"], "db_connections": False, "clients_built": [],
+            }  # fmt: skip
+            # ... and handed no client down: each worker built its own. The LLM clients were built
+            # when the worker warmed up, before its first request; Redis and the database connect
+            # on first use.
             assert first["first_use"]["inherited_clients"] == []
-            assert first["first_use"]["sdks_loaded"] == []
+            assert first["first_use"]["sdks_loaded"] == ["httpx2", "openai", "redis"]
             built = first["first_use"]["clients_built"]
-            assert built["openai_service"]["default"] is False
+            assert built["openai_service"]["default"] is True
             assert built["redis_service"]["redis"] is False
             assert built["db_service"]["database"] is False
+            assert first["worker"] == {
+                "kind": worker_class,
+                "concurrency": 1000 if worker_class == "gevent" else int(threads),
+                "gevent_patched": worker_class == "gevent",
+            }
             # One client per worker, reused by every request it serves.
             assert {(a["openai_client"], a["openai_client_again"]) for a in seen} == {
                 (first["openai_client"], first["openai_client"])
@@ -227,7 +243,7 @@ def test_preload_two_workers_each_build_their_own_clients_and_close_them_on_exit
         assert not redis_one & redis_two, "two workers shared a Redis connection"
         assert pg_one | pg_two <= pg_running
         assert redis_one | redis_two <= redis_running
-        if threads == "1":  # a sync worker serves one request at a time: one connection each
+        if threads == "1" and worker_class == "gthread":  # one thread: one request, one connection at a time
             assert len(pg_one) == len(pg_two) == len(redis_one) == len(redis_two) == 1
 
         ports = upstream_connections(local_server)
@@ -302,8 +318,14 @@ def print_config(tmp_path: Path, **settings: str) -> dict[str, str]:
 def test_gunicorn_takes_its_settings_from_the_environment(tmp_path):
     defaults = print_config(tmp_path)
     assert defaults["bind"] == "['127.0.0.1:8000']"
-    assert (defaults["workers"], defaults["threads"], defaults["timeout"]) == ("2", "1", "60")
+    assert (defaults["workers"], defaults["threads"], defaults["timeout"]) == ("2", "64", "130")
+    gthread = (defaults["worker_class"], defaults["worker_connections"], defaults["keepalive"])
+    assert gthread == ("gthread", "64", "0")  # a worker takes no connection it has no thread for
     assert defaults["preload_app"] == "False"
+
+    gevent = print_config(tmp_path, GUNICORN_WORKER_CLASS="gevent", GUNICORN_WORKER_CONNECTIONS="500")
+    assert (gevent["worker_class"], gevent["worker_connections"], gevent["threads"]) == ("gevent", "500", "1")
+    assert print_config(tmp_path, GUNICORN_WORKER_CLASS="gevent")["worker_connections"] == "1000"
 
     configured = print_config(
         tmp_path, PORT="8123", WEB_CONCURRENCY="3", GUNICORN_THREADS="4",
@@ -326,7 +348,8 @@ def run_conf(tmp_path: Path, **settings: str) -> dict[str, Any]:
         "except Exception as exc:\n"
         "    print(json.dumps({'error': type(exc).__name__, 'message': str(exc)}))\n"
         "else:\n"
-        "    keys = ('bind', 'workers', 'threads', 'timeout', 'graceful_timeout', 'preload_app')\n"
+        "    keys = ('bind', 'workers', 'threads', 'timeout', 'graceful_timeout', 'preload_app',\n"
+        "            'worker_class', 'worker_connections')\n"
         "    print(json.dumps({k: ns[k] for k in keys} | {'worker_exit': callable(ns['worker_exit'])}))\n"
     )
     out = subprocess.run(
@@ -344,9 +367,10 @@ def test_gunicorn_conf_values(tmp_path):
     assert values == {
         "bind": "127.0.0.1:9001", "workers": 5, "threads": 3, "timeout": 1,
         "graceful_timeout": GRACEFUL_TIMEOUT, "preload_app": False, "worker_exit": True,
+        "worker_class": "gthread", "worker_connections": 3,
     }  # fmt: skip
     zero = run_conf(tmp_path, WEB_CONCURRENCY="0", GUNICORN_THREADS="0")
-    assert (zero["workers"], zero["threads"]) == (1, 1)
+    assert (zero["workers"], zero["threads"], zero["worker_connections"]) == (1, 1, 1)
 
 
 @pytest.mark.slow
@@ -360,6 +384,7 @@ def test_gunicorn_conf_values(tmp_path):
         ("PORT", "http", "PORT must be a whole number of 0 or more, got 'http'"),
         ("PORT", "70000", "PORT must be a TCP port from 1 to 65535, got 70000"),
         ("GUNICORN_PRELOAD", "maybe", "GUNICORN_PRELOAD must be true or false, got 'maybe'"),
+        ("GUNICORN_WORKER_CLASS", "sync", "GUNICORN_WORKER_CLASS must be one of gthread, gevent, got 'sync'"),
     ],
 )
 def test_gunicorn_conf_bad_value_is_a_config_error_naming_the_key(tmp_path, key, value, message):

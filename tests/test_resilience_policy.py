@@ -151,7 +151,8 @@ def test_the_defaults_are_the_documented_ones(make_app):
     )
     assert (base.breaker.window, base.breaker.min_calls, base.breaker.failure_rate) == (60.0, 10, 0.5)
     assert (base.breaker.cooldown, base.breaker.half_open_calls) == (30.0, 1)
-    assert (base.limits.max_wait, base.bulkhead.max_concurrency, base.bulkhead.max_wait) == (10.0, 32, 1.0)
+    # The bulkhead's size follows the worker's concurrency unless set (app.serving.llm_capacity).
+    assert (base.limits.max_wait, base.bulkhead.max_concurrency, base.bulkhead.max_wait) == (10.0, None, 1.0)
 
 
 def test_every_llm_setting_is_in_the_defaults_and_in_env_example():

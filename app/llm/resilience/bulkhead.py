@@ -10,6 +10,11 @@ A freed slot is handed to the first waiter directly, so a newcomer cannot
 take it first. The latest ``max_concurrency`` a caller passes is the limit
 from then on (raising it admits waiters at once; lowering it lets calls in
 flight finish). Counts are per process: a forked child starts with none.
+
+Unset, ``max_concurrency`` follows the worker this process is
+(:func:`app.serving.llm_capacity`): a gthread worker's threads or a gevent
+worker's connections, less a few kept for probes. A refusal carries
+``retry_after``, which ``/api`` sends as ``Retry-After`` with its 503.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING
 from app.connectors._base import on_fork_in_child
 from app.llm.errors import LLMBulkheadFullError
 from app.llm.resilience.steps import Step
+from app.serving.worker import llm_capacity
 
 if TYPE_CHECKING:
     import asyncio
@@ -126,7 +132,8 @@ class Bulkheads:
         :class:`LLMBulkheadFullError`. The slot is released on exit, exception
         or not (``release()`` may also be called directly; twice is harmless).
         """
-        return Slot(self._compartment(provider, policy), provider, policy.max_concurrency, max_wait)
+        limit = policy.max_concurrency or llm_capacity()
+        return Slot(self._compartment(provider, limit), provider, limit, max_wait)
 
     #: ``async with bulkheads.aslot(...):``: the same slot; waiting never blocks the event loop.
     aslot = slot
@@ -141,11 +148,11 @@ class Bulkheads:
         compartment = self._compartments.get(provider)
         return len(compartment.waiters) if compartment is not None else 0
 
-    def _compartment(self, provider: str, policy: BulkheadPolicy) -> _Compartment:
+    def _compartment(self, provider: str, limit: int) -> _Compartment:
         compartment = self._compartments.get(provider)
         if compartment is None:
             with self._lock:
-                compartment = self._compartments.setdefault(provider, _Compartment(policy.max_concurrency))
+                compartment = self._compartments.setdefault(provider, _Compartment(limit))
         return compartment
 
     def _forget_after_fork(self) -> None:
@@ -220,7 +227,11 @@ class Slot(AbstractContextManager[None], AbstractAsyncContextManager[None]):
         if self._queue(waiter):
             return
         assert waiter is not None and waiter.event is not None
-        waiter.event.wait(self._max_wait)
+        try:
+            waiter.event.wait(self._max_wait)
+        except BaseException:  # interrupted (a killed greenlet: its client left): leave the queue
+            self._abandon(waiter)
+            raise
         self._settle(waiter)
 
     async def _await(self) -> None:
@@ -238,11 +249,15 @@ class Slot(AbstractContextManager[None], AbstractAsyncContextManager[None]):
         except TimeoutError:
             pass
         except asyncio.CancelledError:
-            with self._compartment.lock:
-                if self._compartment.give_up_locked(waiter):  # granted as the task was cancelled: pass it on
-                    self._compartment.release_locked()
+            self._abandon(waiter)
             raise
         self._settle(waiter)
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """Stop waiting, without a verdict: leave the queue, or pass on a slot granted meanwhile."""
+        with self._compartment.lock:
+            if self._compartment.give_up_locked(waiter):
+                self._compartment.release_locked()
 
     def _full(self) -> LLMBulkheadFullError:
         compartment = self._compartment
@@ -251,6 +266,9 @@ class Slot(AbstractContextManager[None], AbstractAsyncContextManager[None]):
             f" (at most {compartment.limit}) and none ended within {self._max_wait:.2f} s;"
             " no request was made",
             provider=self._provider,
+            # No slot is promised then; a client that comes back after a second or so finds
+            # calls ended meanwhile (a wait of max_wait just failed to find one).
+            retry_after=max(1.0, self._max_wait),
         )
 
     def __enter__(self) -> None:

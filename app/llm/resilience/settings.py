@@ -59,8 +59,10 @@ class LimitPolicy:
 
 @dataclass(frozen=True)
 class BulkheadPolicy:
-    #: Calls in flight per provider per process.
-    max_concurrency: int = 32
+    #: Calls in flight per provider per process; None: the worker's own concurrency less a reserve
+    #: for probes (:func:`app.serving.llm_capacity`: 56 of 64 gthread threads, 992 of 1000 gevent
+    #: connections; 32 outside gunicorn).
+    max_concurrency: int | None = None
     #: Seconds a call waits for a free slot before LLMBulkheadFullError.
     max_wait: float = 1.0
 
