@@ -33,7 +33,6 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from decimal import Decimal
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from app.errors import ConfigError
@@ -168,6 +167,8 @@ def parse_overrides(value: Any) -> dict[tuple[str, str], dict[str, Any]]:
 
 def load_data_file() -> dict[str, dict[str, Any]]:
     """``app/llm/models.json``, checked as strictly as LLM_MODELS (and without prices)."""
+    from importlib import resources
+
     text = resources.files("app.llm").joinpath("models.json").read_text(encoding="utf-8")
     models = json.loads(text)["models"]
     return {name: parse_entry(f"models.json[{name!r}]", raw, prices=False) for name, raw in models.items()}

@@ -13,6 +13,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 
 from app.connectors._base import Connector
+from app.llm.catalogue import Catalogue
 from app.llm.client import OPENAI_PROVIDER, get_llm
 from app.llm.errors import LLMError, LLMNotConfiguredError
 from app.llm.types import ChatResponse
@@ -111,7 +112,12 @@ def _missing_settings(app: Flask) -> dict[str, str | None]:
 @llm_cli.command("models")
 @click.option("--provider", "-p", "provider_name", default=None, help="Only this provider.")
 def models_command(provider_name: str | None) -> None:
-    """List the models each configured provider offers; exit 1 when a listing fails."""
+    """List the models each configured provider offers; exit 1 when a listing fails.
+
+    Where the model catalogue knows a model: its context window, maximum output, what it
+    takes (images, tools, JSON schemas), whether it reasons, and its prices (USD per million
+    input, output and cached input tokens); ``-`` where no source says.
+    """
     llm = get_llm()
     known = llm.provider_names()
     if provider_name is not None and provider_name not in known:
@@ -141,10 +147,46 @@ def models_command(provider_name: str | None) -> None:
             click.echo(f"{name}: no models listed")
             continue
         click.echo(f"{name}:")
-        for model in models:
-            click.echo(f"  {model}")
+        click.echo(_catalogue_rows(llm.catalogue, name, models))
     if failed:
         sys.exit(1)
+
+
+#: The catalogue's columns (``app.llm.catalogue.ModelInfo``); prices are USD per million tokens.
+CATALOGUE_COLUMNS = (
+    ("CONTEXT", "context_window"),
+    ("MAX OUT", "max_output_tokens"),
+    ("IMAGES", "supports_images"),
+    ("TOOLS", "supports_tools"),
+    ("JSON SCHEMA", "supports_json_schema"),
+    ("REASONING", "supports_reasoning"),
+    ("IN $/M", "input_price"),
+    ("OUT $/M", "output_price"),
+    ("CACHED $/M", "cached_input_price"),
+)
+
+
+def _catalogue_rows(catalogue: Catalogue, provider: str, models: list[str]) -> str:
+    """The models, indented, with the catalogue's columns when it knows any of them ("-": unknown)."""
+    infos = [catalogue.lookup(provider, model) for model in models]
+    if not any(infos):
+        return "\n".join(f"  {model}" for model in models)
+    rows = [
+        (model, *(_cell(getattr(info, attribute) if info else None) for _, attribute in CATALOGUE_COLUMNS))
+        for model, info in zip(models, infos, strict=True)
+    ]
+    from app.cli import _table
+
+    table = _table(("MODEL", *(header for header, _ in CATALOGUE_COLUMNS)), rows)
+    return "\n".join(f"  {line}" for line in table.splitlines())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
 
 
 class _PullProgress:
