@@ -144,6 +144,52 @@ def diag() -> Response:
     )
 
 
+@app.get("/_diag/state")
+def diag_state() -> Response:
+    """What this worker held when its first request (this route's, or /_diag's) arrived; nothing needed."""
+    pid = os.getpid()
+    with _first_use_lock:
+        if pid not in _first_use:
+            _first_use[pid] = _service_state()
+    worker = serving.current_worker()
+    return jsonify(
+        pid=pid,
+        first_use=_first_use[pid],
+        worker={
+            "kind": worker.kind,
+            "concurrency": worker.concurrency,
+            "llm_capacity": serving.llm_capacity(),
+        },
+        gevent_patched=serving.gevent_patched(),
+    )
+
+
+@app.get("/_diag/wait/<service>")
+def diag_wait(service: str) -> Response:
+    """One wait of about a second on ``service``, timed by the worker's clock (gevent cooperation)."""
+    from app.llm import get_llm
+
+    started = time.monotonic()
+    messages = [{"role": "user", "content": "hi"}]
+    if service == "postgresql":
+        from sqlalchemy import text
+
+        with db_service.engine().connect() as connection:
+            connection.execute(text("SELECT pg_sleep(1)"))
+    elif service == "redis":
+        get_redis_client().blpop(["serving-test-never-pushed"], timeout=1)
+    elif service in ("openai", "gemini", "anthropic"):
+        get_llm().chat(messages, f"{service}/slow")
+    else:
+        return jsonify(error=f"unknown service {service!r}"), 404  # type: ignore[return-value]
+    return jsonify(pid=os.getpid(), started=started, ended=time.monotonic())
+
+
+@app.get("/_diag/now")
+def diag_now() -> Response:
+    return jsonify(pid=os.getpid(), now=time.monotonic())
+
+
 def _poll(check: Any, timeout: float = 2.0) -> bool:
     """Whether ``check()`` turns true within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
