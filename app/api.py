@@ -47,9 +47,10 @@ from app.errors import ConfigError, UnknownProfileError
 from app.llm import ChatResponse, LLMError, LLMResponseError, LLMServerError, get_llm
 from app.llm.client import OPENAI_PROVIDER
 from app.redaction import redact
-from app.sse import SSE_HEADERS, _sse, _sse_response, stream_chat  # noqa: F401 (moved there; importable here)
+from app.sse import SSE_HEADERS, _sse, _sse_response, check_settings, stream_chat  # noqa: F401 (moved there)
 
 bp = Blueprint("api", __name__, url_prefix="/api")
+bp.record_once(check_settings)  # LLM_SSE_HEARTBEAT, at start
 
 
 class BadRequest(Exception):

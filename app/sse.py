@@ -45,6 +45,11 @@ Item = tuple[str, Any]
 Put = Callable[[Item], None]
 
 
+def check_settings(state: Any) -> None:
+    """At registration (``bp.record_once``): ``LLM_SSE_HEARTBEAT`` is a positive number of seconds."""
+    heartbeat_seconds(state.app.config)
+
+
 def _sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -203,4 +208,4 @@ async def _never() -> None:  # pragma: no cover (on_loop is false whenever it wo
     raise AssertionError("an open sync stream is never read on the loop")
 
 
-__all__ = ["HEARTBEAT", "SSE_HEADERS", "_sse", "_sse_response", "stream_chat"]
+__all__ = ["HEARTBEAT", "SSE_HEADERS", "_sse", "_sse_response", "check_settings", "stream_chat"]

@@ -33,6 +33,9 @@ from tests.servers import (
     start_redis,
 )
 
+#: The test kit users get (app/testing/plugin.py), and pytester to run users' test files in tests.
+pytest_plugins = ["app.testing.plugin", "pytester"]
+
 __all__ = [
     "CANARY_GEMINI_KEY",
     "CANARY_KEY",

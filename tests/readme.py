@@ -9,11 +9,26 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def section(heading: str) -> str:
-    """The text of the README section whose heading line is ``heading`` (to the next heading)."""
-    text = README.read_text()
-    match = re.search(rf"^#+ {re.escape(heading)}\n(.*?)(?=^#+ |\Z)", text, re.S | re.M)
-    assert match, f"the README has no section {heading!r}"
-    return match.group(1)
+    """The text of the README section headed ``heading``, to the next heading of its level or above.
+
+    Lines inside code fences are never headings (a ``# path`` comment in a block is not one).
+    """
+    lines = README.read_text().splitlines(keepends=True)
+    fenced = False
+    level = 0
+    kept: list[str] = []
+    for line in lines:
+        if line.startswith("```"):
+            fenced = not fenced
+        heading_match = None if fenced else re.match(r"^(#+) (.*)$", line.rstrip("\n"))
+        if level:
+            if heading_match and len(heading_match.group(1)) <= level:
+                break
+            kept.append(line)
+        elif heading_match and heading_match.group(2) == heading:
+            level = len(heading_match.group(1))
+    assert level, f"the README has no section {heading!r}"
+    return "".join(kept)
 
 
 def python_blocks(heading: str) -> list[str]:

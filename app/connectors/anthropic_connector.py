@@ -21,6 +21,7 @@ from app.connectors._base import (
     current_connector,
     reset_registered,
 )
+from app.connectors.outbound import sdk_http_client
 from app.errors import ServiceNotConfiguredError
 from app.redaction import Secret, redact_url, register_secret
 
@@ -80,14 +81,14 @@ def _client_kwargs(settings: AnthropicSettings) -> dict[str, Any]:
 def build_anthropic_client(settings: AnthropicSettings) -> Anthropic:
     import anthropic
 
-    return anthropic.Anthropic(**_client_kwargs(settings))
+    return anthropic.Anthropic(**_client_kwargs(settings), **sdk_http_client("anthropic"))
 
 
 def build_async_anthropic_client(settings: AnthropicSettings) -> AsyncAnthropic:
     kwargs = _client_kwargs(settings)  # first: a missing key fails before the SDK loads further
     import anthropic
 
-    return anthropic.AsyncAnthropic(**kwargs)
+    return anthropic.AsyncAnthropic(**kwargs, **sdk_http_client("anthropic", asynchronous=True))
 
 
 def close_anthropic_client(client: Anthropic) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.config import get_bool, get_seconds, get_str
 from app.connectors._base import SingleClientConnector, current_connector, reset_registered
+from app.connectors.outbound import genai_client_args
 from app.errors import ServiceNotConfiguredError
 from app.redaction import Secret, redact_url, register_secret
 
@@ -87,6 +88,7 @@ def build_genai_client(settings: GenAISettings) -> Client:
         base_url=settings.base_url,
         api_version=settings.api_version,
         timeout=round(settings.timeout * 1000),  # google-genai counts milliseconds
+        **genai_client_args(),  # the test kit's guard, when installed; else nothing
     )
     if settings.vertexai:
         return genai.Client(

@@ -29,6 +29,7 @@ from app.connectors._base import (
     current_connector,
     reset_registered,
 )
+from app.connectors.outbound import sdk_http_client
 from app.errors import ConfigError, ServiceNotConfiguredError, UnknownProfileError
 from app.redaction import Secret, redact_url, register_secret
 
@@ -262,6 +263,7 @@ def build_openai_client(profile: OpenAIProfile) -> OpenAI:
     kwargs = _client_kwargs(profile)  # first: a missing key fails before the SDK loads further
     import openai
 
+    kwargs.update(sdk_http_client("openai"))  # the test kit's guard, when installed; else nothing
     return openai.AzureOpenAI(**kwargs) if profile.is_azure else openai.OpenAI(**kwargs)
 
 
@@ -269,6 +271,7 @@ def build_async_openai_client(profile: OpenAIProfile) -> AsyncOpenAI:
     kwargs = _client_kwargs(profile)
     import openai
 
+    kwargs.update(sdk_http_client("openai", asynchronous=True))
     return openai.AsyncAzureOpenAI(**kwargs) if profile.is_azure else openai.AsyncOpenAI(**kwargs)
 
 

@@ -12,18 +12,32 @@ their internals.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
-
-#: Wraps a transport (sync or async) in another that may refuse a request; None in production.
-TransportWrapper = Callable[[Any], Any]
-
-_wrapper: TransportWrapper | None = None
+from typing import Any, Literal, Protocol
 
 
-def install_transport_wrapper(wrapper: TransportWrapper | None) -> None:
-    """Put ``wrapper`` in front of the transport of every SDK client built from now on (None: remove)."""
-    global _wrapper  # noqa: PLW0603 (one process-wide switch, set by the test kit only)
-    _wrapper = wrapper
+class OutboundGuard(Protocol):
+    """What the test kit installs: a check of each request, and a transport wrapper that applies it."""
+
+    def check(self, method: str, host: str, path: str) -> None: ...
+
+    def wrap(self, transport: Any) -> Any: ...
+
+
+_guard: OutboundGuard | None = None
+#: Wraps a transport (sync or async) in another that asks the guard first; None in production.
+_wrapper: Callable[[Any], Any] | None = None
+
+
+def install_guard(guard: OutboundGuard | None) -> None:
+    """Put ``guard`` in front of every SDK client built from now on (None: remove it)."""
+    global _guard, _wrapper
+    _guard, _wrapper = guard, (guard.wrap if guard is not None else None)
+
+
+def check_request(method: str, host: str, path: str) -> None:
+    """For clients that are not httpx-based (Ollama's ``http.client``): ask the guard, if any."""
+    if _guard is not None:
+        _guard.check(method, host, path)
 
 
 def sdk_http_client(sdk: Literal["openai", "anthropic"], *, asynchronous: bool = False) -> dict[str, Any]:
@@ -56,7 +70,14 @@ def genai_client_args() -> dict[str, Any]:
     }
 
 
-__all__ = ["genai_client_args", "install_transport_wrapper", "sdk_http_client"]
+__all__ = [
+    "OutboundGuard",
+    "check_request",
+    "genai_client_args",
+    "install_guard",
+    "plain_http_transport",
+    "sdk_http_client",
+]
 
 
 def plain_http_transport() -> dict[str, Any]:

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 from flask import Flask
 
+from app.connectors.outbound import check_request
 from app.config import get_str, parse_seconds
 from app.llm.errors import (
     LLMBadRequestError,
@@ -215,6 +216,7 @@ class OllamaManager:
         connect_timeout: float | None = None,
     ) -> Iterator[http.client.HTTPResponse]:
         """A response with status < 400; the connection closes when the block ends."""
+        check_request(method, self._hostname, self._base_path + path)  # the test kit's guard, if any
         connection_class = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         connection = connection_class(
             self._hostname,
