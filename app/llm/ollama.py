@@ -26,8 +26,8 @@ from urllib.parse import unquote, urlsplit
 
 from flask import Flask
 
-from app.connectors.outbound import check_request
 from app.config import get_str, parse_seconds
+from app.connectors.outbound import check_request
 from app.llm.errors import (
     LLMBadRequestError,
     LLMConnectionError,
