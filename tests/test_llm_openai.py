@@ -535,15 +535,17 @@ def test_spec_accepts_a_streamed_request_but_prism_sends_the_sdk_no_chunks(spec,
         stream = get_llm().chat_stream(USER, model=MODEL, max_tokens=20)
         return list(stream), stream.response
 
-    deltas, response = in_app(spec_app, read)
+    with pytest.raises(LLMResponseError) as excinfo:
+        in_app(spec_app, read)
 
     assert spec.verdicts == [200]
     assert spec.bodies[0]["stream"] is True
     assert spec.bodies[0]["stream_options"] == {"include_usage": True}
-    # The SDK asks for JSON; Prism obliges, and the SDK's SSE parser finds no events in it.
+    # The SDK asks for JSON; Prism obliges, and the SDK's SSE parser finds no events in it:
+    # a stream without its end marker, an error (it used to end as an empty answer).
     assert spec.server.requests[0].headers["accept"] == "application/json"
-    assert deltas == []
-    assert response.content is None
+    assert "ended without its end marker (finish_reason)" in str(excinfo.value)
+    assert "the body was application/json, not text/event-stream" in str(excinfo.value)
 
 
 @pytest.mark.slow

@@ -4,7 +4,12 @@ Everything the LLM layer raises is an :class:`LLMError` carrying ``provider``,
 ``model``, ``status_code`` and ``retry_after`` (seconds, from
 ``retry-after-ms``, ``Retry-After`` in seconds or as a date, or Gemini's
 ``RetryInfo``), with the SDK's exception chained as ``__cause__``. Messages
-pass through :func:`app.redaction.redact`, so they never carry a key.
+pass through :func:`app.redaction.redact`, so they never carry a key; the
+adapters scrub the SDK's exception too before it is chained (:func:`sdk_errors`),
+so no traceback of the chain shows one either.
+An error about a request names the URL it was sent to in ``url`` and in
+``str(error)`` (credentials masked), but not in ``message``, which ``/api``
+may show to its callers.
 
 Each class also says what it means over HTTP, so a view answers by lookup
 rather than by testing classes: ``http_status`` (the status ``/api`` answers
@@ -15,13 +20,15 @@ layer raised itself names the offending parameter in ``field``.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
-from collections.abc import Mapping
+import traceback
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from app.redaction import redact
+from app.redaction import redact, redact_url, scrub_exception
 
 
 class LLMError(Exception):
@@ -46,14 +53,18 @@ class LLMError(Exception):
         model: str | None = None,
         status_code: int | None = None,
         retry_after: float | None = None,
+        url: str | None = None,
     ) -> None:
         self.message = redact(message)
         self.provider = provider
         self.model = model
         self.status_code = status_code
         self.retry_after = retry_after
+        #: The URL the failed request went to, credentials masked (None: no request, or unknown).
+        self.url = redact(redact_url(url)) if url else None
         where = f"{provider}/{model}" if provider and model else provider or model
-        super().__init__(f"{where}: {self.message}" if where else self.message)
+        text = f"{where}: {self.message}" if where else self.message
+        super().__init__(f"{text} ({self.url})" if self.url else text)
 
     @property
     def kind(self) -> str:
@@ -274,3 +285,86 @@ def retry_after_from_google_details(body: Any) -> float | None:
             if match:
                 return float(match.group(1))
     return None
+
+
+def upstream_url(exc: BaseException) -> str | None:
+    """The URL of the request ``exc`` is about (an SDK error's ``request``, or its response's), masked."""
+    for holder in (exc, getattr(exc, "response", None)):
+        try:
+            request = getattr(holder, "request", None)
+        except RuntimeError:  # httpx's Response.request when the response has none
+            request = None
+        url = getattr(request, "url", None)
+        if url is not None:
+            return redact_url(str(url))
+    return None
+
+
+class RedactedCause(Exception):
+    """Stands in, as ``__cause__``, for an SDK exception whose text still shows a secret once scrubbed.
+
+    Some exceptions format themselves from data out of reach (a pydantic
+    ``ValidationError`` quotes the input it refused): the chain then holds
+    this redacted copy, with the original's type name, message and
+    traceback, instead of the exception itself.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        #: The dotted name of the exception this stands for.
+        self.original_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        super().__init__(f"{self.original_type}: {redact(str(exc))}")
+
+
+def safe_cause(exc: BaseException) -> BaseException:
+    """``exc`` scrubbed in place, or a :class:`RedactedCause` when its traceback would still show a secret."""
+    scrub_exception(exc)
+    text = "".join(traceback.format_exception(exc))
+    if redact(text) == text:
+        return exc
+    stand_in = RedactedCause(exc).with_traceback(exc.__traceback__)
+    if exc.__cause__ is not None:
+        stand_in.__cause__ = safe_cause(exc.__cause__)
+    return stand_in
+
+
+MapError = Callable[[Any, BaseException, dict[str, Any]], "LLMError"]
+
+
+def sdk_errors(map_error: MapError) -> MapError:
+    """Decorates an adapter's ``map_error``: the URL the request went to, and a chain without secrets.
+
+    The typed error gets ``url`` (credentials masked) and, as ``__cause__``,
+    the SDK's exception scrubbed of every known secret (or a redacted copy of
+    it, see :func:`safe_cause`): the provider may echo a key in an error
+    message, and the layer keeps that exception for debugging.
+    """
+
+    @functools.wraps(map_error)
+    def mapped(self: Any, exc: BaseException, context: dict[str, Any]) -> LLMError:
+        cause = safe_cause(exc)
+        error = map_error(self, exc, {**context, "url": upstream_url(exc)})
+        if error is not exc and error.__cause__ is None:
+            error.__cause__ = cause
+        return error
+
+    return mapped
+
+
+class IncompleteStreamError(Exception):
+    """An adapter's signal that an upstream stream ended without its end marker.
+
+    The adapters raise it from their stream readers (so that it goes through
+    ``map_error``, which adds provider, model and URL) and map it to an
+    :class:`LLMResponseError`: a stream that stops early, or whose body is not
+    an event stream at all, is a broken answer, never a finished one.
+    """
+
+    def __init__(self, marker: str, response: Any = None) -> None:
+        message = f"the stream ended without its end marker ({marker})"
+        if response is not None:  # the HTTP response, when the SDK shows it: what came, and from where
+            kind = str(response.headers.get("content-type") or "").split(";")[0].strip().lower()
+            if kind != "text/event-stream":
+                message += f"; the body was {kind or 'of no content type'}, not text/event-stream"
+            #: The request, so that the typed error names its URL (see :func:`upstream_url`).
+            self.request = getattr(response, "request", None)
+        super().__init__(message)

@@ -22,6 +22,7 @@ from typing import Any
 
 from app.connectors.anthropic_connector import AnthropicConnector, current_anthropic_connector
 from app.llm.errors import (
+    IncompleteStreamError,
     LLMBadRequestError,
     LLMConnectionError,
     LLMError,
@@ -31,6 +32,7 @@ from app.llm.errors import (
     error_for_status,
     refine_bad_request,
     retry_after_from_headers,
+    sdk_errors,
 )
 from app.llm.providers.base import (
     ChatRequest,
@@ -349,9 +351,13 @@ class _SyncEvents(Iterator[StreamEvent]):
 
     @staticmethod
     def _translate(upstream: Any) -> Generator[StreamEvent, None, None]:
+        ended = False
         try:
             for event in upstream:
+                ended = ended or event.type == "message_stop"
                 yield from translate_event(event)
+            if not ended:
+                raise IncompleteStreamError("message_stop", getattr(upstream, "response", None))
         finally:
             upstream.close()  # an early exit frees the connection and tells the server
 
@@ -426,10 +432,14 @@ class AnthropicProvider(Provider):
         params = {**build_params(request), **self._options(connector, request)}
         client = self._without_retries(connector.async_client())
         upstream = await client.messages.create(**params, stream=True)
+        ended = False
         try:
             async for event in upstream:
+                ended = ended or event.type == "message_stop"
                 for translated in translate_event(event):
                     yield translated
+            if not ended:
+                raise IncompleteStreamError("message_stop", getattr(upstream, "response", None))
         finally:
             await upstream.close()
 
@@ -439,7 +449,10 @@ class AnthropicProvider(Provider):
     def list_models(self) -> list[str]:
         return sorted(model.id for model in self._connector().client().models.list())
 
+    @sdk_errors  # the URL it was sent to; a chain without secrets
     def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
+        if isinstance(exc, IncompleteStreamError):
+            return LLMResponseError(str(exc), **context)
         if isinstance(exc, anthropic.APITimeoutError):
             return LLMTimeoutError("Anthropic did not answer in time", **context)
         if isinstance(exc, anthropic.APIConnectionError):

@@ -38,6 +38,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from app.llm.errors import (
+    IncompleteStreamError,
     LLMAuthError,
     LLMBadRequestError,
     LLMConnectionError,
@@ -52,6 +53,7 @@ from app.llm.errors import (
     refine_bad_request,
     retry_after_from_google_details,
     retry_after_from_headers,
+    sdk_errors,
 )
 from app.llm.providers.base import (
     ChatRequest,
@@ -497,6 +499,14 @@ class _Reader:
         )
 
 
+def _finishes(chunk: Any) -> bool:
+    """Whether a stream chunk ends the answer: a candidate's finish reason, or a blocked prompt.
+
+    Gemini's stream has no end event: its last chunk is the one with a finish reason.
+    """
+    return any(c.finish_reason is not None for c in chunk.candidates or ()) or _blocked(chunk)
+
+
 async def _failing(exc: BaseException) -> AsyncIterator[StreamEvent]:
     """An async stream that raises ``exc`` when read (astream itself must not raise)."""
     raise exc
@@ -566,9 +576,13 @@ class GeminiProvider(Provider):
 
     def _stream(self, request: ChatRequest, upstream: Iterator[Any]) -> Iterator[StreamEvent]:
         reader = _Reader(self, request)
+        ended = False
         try:
             for chunk in upstream:
+                ended = ended or _finishes(chunk)
                 yield from reader.events(chunk)
+            if not ended:
+                raise IncompleteStreamError("a finish reason")
             yield reader.end()
         finally:
             # Closing the SDK's generator finalises the generators inside it down to
@@ -592,10 +606,14 @@ class GeminiProvider(Provider):
         upstream = await client.aio.models.generate_content_stream(
             model=request.model, contents=contents, config=config
         )
+        ended = False
         try:
             async for chunk in upstream:
+                ended = ended or _finishes(chunk)
                 for event in reader.events(chunk):
                     yield event
+            if not ended:
+                raise IncompleteStreamError("a finish reason")
             yield reader.end()
         finally:
             # Found before aclose() clears the generators' frames; see _sdk_http_responses.
@@ -644,7 +662,10 @@ class GeminiProvider(Provider):
 
     # --- errors ------------------------------------------------------------------
 
+    @sdk_errors  # the URL it was sent to; a chain without secrets
     def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
+        if isinstance(exc, IncompleteStreamError):
+            return LLMResponseError(str(exc), **context)
         if isinstance(exc, genai_errors.APIError):
             return self._api_error(exc, context)
         timeouts, transport = _httpx_errors()

@@ -18,6 +18,7 @@ import openai
 
 from app.connectors.openai_connector import OpenAIConnector, current_openai_connector
 from app.llm.errors import (
+    IncompleteStreamError,
     LLMBadRequestError,
     LLMConnectionError,
     LLMError,
@@ -28,6 +29,7 @@ from app.llm.errors import (
     error_for_status,
     refine_bad_request,
     retry_after_from_headers,
+    sdk_errors,
 )
 from app.llm.providers.base import (
     ChatRequest,
@@ -340,9 +342,13 @@ class OpenAIProvider(Provider):
         return _UpstreamEvents(upstream, self._stream(upstream))
 
     def _stream(self, upstream: Any) -> Generator[StreamEvent, None, None]:
+        ended = False  # a chunk with a finish_reason: the SDK hides [DONE] itself
         try:
             for chunk in upstream:
+                ended = ended or _finishes(chunk)
                 yield from self._events(chunk)
+            if not ended:
+                raise IncompleteStreamError("finish_reason", getattr(upstream, "response", None))
         finally:
             upstream.close()  # closes the HTTP response: early exit frees the connection
 
@@ -359,10 +365,14 @@ class OpenAIProvider(Provider):
     async def astream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         client, options = self._aclient(request)
         upstream = await self._acreate_stream(client, self._params(request), options)
+        ended = False
         try:
             async for chunk in upstream:
+                ended = ended or _finishes(chunk)
                 for event in self._events(chunk):
                     yield event
+            if not ended:
+                raise IncompleteStreamError("finish_reason", getattr(upstream, "response", None))
         finally:
             await upstream.close()
 
@@ -376,7 +386,10 @@ class OpenAIProvider(Provider):
 
     # --- errors ----------------------------------------------------------------
 
+    @sdk_errors  # the URL it was sent to; a chain without secrets
     def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
+        if isinstance(exc, IncompleteStreamError):
+            return LLMResponseError(str(exc), **context)
         if isinstance(exc, openai.APITimeoutError):
             return LLMTimeoutError("the provider did not answer in time", **context)
         if isinstance(exc, openai.APIConnectionError):
@@ -402,6 +415,11 @@ class OpenAIProvider(Provider):
             message = str(body.get("message") or exc.message or "the stream failed")
             return _stream_error_class(code, message)(f"error in the stream: {message}", **context)
         return LLMError(f"{type(exc).__name__}: {exc}", **context)
+
+
+def _finishes(chunk: Any) -> bool:
+    """Whether a stream chunk carries a finish reason: the end of the answer (usage may follow)."""
+    return any(choice.finish_reason for choice in chunk.choices or ())
 
 
 def _stream_error_class(code: str, message: str) -> type[LLMError]:
