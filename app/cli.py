@@ -65,7 +65,7 @@ def check_command() -> None:
     rows = []
     for check in report.checks:
         timing = f"{check.observed_value:.1f} ms" if check.observed_unit == "ms" else "-"
-        rows.append((check.component, check.status.upper(), timing, check.output or ""))
+        rows.append((check.component, check.status.upper(), timing, check.detail or check.output or ""))
     click.echo(redact(_table(("SERVICE", "STATUS", "TIME", "DETAIL"), rows)))
     click.echo(f"overall: {report.status}")
     if any(check.status == "fail" for check in report.checks):
@@ -81,14 +81,34 @@ def _timeouts(info: dict[str, Any]) -> str:
     ):
         if key in info:
             parts.append(f"{label} {info[key]:g}s")
-    if "max_retries" in info:
-        parts.append(f"retries {info['max_retries']}")
     return ", ".join(parts) or "-"
+
+
+#: The LLM provider each connector's entries are addressed as (``openai/...`` is the default profile).
+_LLM_CONNECTORS = {"openai_service", "genai_service", "anthropic_service"}
+
+
+def _retries(extension: Connector, name: str, info: dict[str, Any]) -> str:
+    """The retries that really apply: the LLM layer's for a provider (its SDK's are off under it),
+    and the SDK's for code that calls the client itself (``get_openai_client()``...)."""
+    client = f"client {info['max_retries']}" if "max_retries" in info else None
+    llm = current_app.extensions.get("llm")
+    if extension.extension_key not in _LLM_CONNECTORS or llm is None:
+        return client or "-"
+    provider = "openai" if extension.extension_key == "openai_service" and name == "default" else name
+    settings = llm.resilience
+    layer = (settings.overrides.get(provider) or settings.base).retry.max_retries
+    return f"llm {layer}" + (f", {client}" if client else ", client 0")
 
 
 @services_cli.command("info")
 def info_command() -> None:
-    """Each service: configured or not, endpoint (credentials redacted), timeouts, client built."""
+    """Each service: configured or not, endpoint (credentials redacted), timeouts, retries, client built.
+
+    RETRIES: ``llm N`` is what an LLM-layer call retries (LLM_MAX_RETRIES or its LLM_POLICY
+    override; the SDK's own retries are off under the layer); ``client N`` is what the SDK or
+    redis-py retries when your code calls the client itself.
+    """
     rows = []
     for extension in current_app.extensions.values():
         if not isinstance(extension, Connector):
@@ -101,8 +121,9 @@ def info_command() -> None:
                     configured,
                     info.get("endpoint") or "-",
                     _timeouts(info),
+                    _retries(extension, name, info),
                     "yes" if info["client_built"] else "no",
                 )
             )
-    headers = ("SERVICE", "CONFIGURED", "ENDPOINT", "TIMEOUTS", "CLIENT BUILT")
+    headers = ("SERVICE", "CONFIGURED", "ENDPOINT", "TIMEOUTS", "RETRIES", "CLIENT BUILT")
     click.echo(redact(_table(headers, rows)))

@@ -6,22 +6,31 @@ costs the probe that timeout once, not once per service. The database answers
 ``SELECT 1`` and Redis ``PING``; LLM providers are only reported as
 configured or not, since a real call per probe would cost money.
 
-A failed check is ``fail`` when the service is required (the database, and
-Redis when ``REDIS_URL`` is set, unless named in ``HEALTH_OPTIONAL_SERVICES``)
-and ``warn`` otherwise. Outputs pass through :func:`app.redaction.redact`.
+A failed check is ``fail`` when the service is required and ``warn``
+otherwise. The database is required by default; Redis is not, because
+everything the app keeps in it fails open (breakers, rate limits and quotas
+carry on in each process), so a Redis outage degrades the app without
+stopping it. ``HEALTH_REQUIRED_SERVICES=redis`` makes Redis required (your own
+code may depend on it); ``HEALTH_OPTIONAL_SERVICES=database`` makes the
+database optional. Both are validated at start (:func:`parse_health_settings`).
+
+``/readyz`` needs no authentication, so what it says about a failure is the
+exception's type only (``ConnectionError``), never its message, which may
+quote part of a connection string; ``flask services check`` shows the
+message too, redacted (:attr:`CheckResult.detail`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from flask import Flask
 
-from app.config import get_names, get_seconds
+from app.config import closest, get_names, get_seconds
 from app.connectors.anthropic_connector import EXTENSION_KEY as ANTHROPIC_KEY
 from app.connectors.anthropic_connector import AnthropicConnector
 from app.connectors.genai_connector import EXTENSION_KEY as GENAI_KEY
@@ -30,6 +39,7 @@ from app.connectors.openai_connector import EXTENSION_KEY as OPENAI_KEY
 from app.connectors.openai_connector import OpenAIConnector
 from app.connectors.redis_connector import EXTENSION_KEY as REDIS_KEY
 from app.connectors.redis_connector import RedisConnector
+from app.errors import ConfigError
 from app.redaction import redact
 from app.services import db_service
 
@@ -38,6 +48,53 @@ if TYPE_CHECKING:
 
 Status = Literal["pass", "warn", "fail"]
 _RANK: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
+
+#: The services readiness checks, by the names the HEALTH_* settings use.
+SERVICES = ("database", "redis")
+#: Checked services the app carries on without (all their users fail open): a warning by default.
+FAIL_OPEN = frozenset({"redis"})
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    #: Seconds each check may take (HEALTH_CHECK_TIMEOUT).
+    timeout: float
+    optional: frozenset[str]
+    required: frozenset[str]
+
+    def is_required(self, service: str) -> bool:
+        """Whether a failure of ``service`` fails readiness (503) rather than warns."""
+        if service in self.required:
+            return True
+        return service not in self.optional and service not in FAIL_OPEN
+
+
+def parse_health_settings(config: Mapping[str, Any]) -> HealthSettings:
+    """HEALTH_CHECK_TIMEOUT, HEALTH_OPTIONAL_SERVICES and HEALTH_REQUIRED_SERVICES, validated."""
+    lists = {
+        key: _service_names(config, key) for key in ("HEALTH_OPTIONAL_SERVICES", "HEALTH_REQUIRED_SERVICES")
+    }
+    both = lists["HEALTH_OPTIONAL_SERVICES"] & lists["HEALTH_REQUIRED_SERVICES"]
+    if both:
+        raise ConfigError(
+            "HEALTH_OPTIONAL_SERVICES and HEALTH_REQUIRED_SERVICES both name"
+            f" {', '.join(sorted(both))}; keep one"
+        )
+    return HealthSettings(
+        get_seconds(config, "HEALTH_CHECK_TIMEOUT"),
+        lists["HEALTH_OPTIONAL_SERVICES"],
+        lists["HEALTH_REQUIRED_SERVICES"],
+    )
+
+
+def _service_names(config: Mapping[str, Any], key: str) -> frozenset[str]:
+    names = get_names(config, key)
+    for name in sorted(names):
+        if name not in SERVICES:
+            raise ConfigError(
+                f"{key} must name services among {', '.join(SERVICES)}, got {name!r}{closest(name, SERVICES)}"
+            )
+    return names
 
 
 @dataclass(frozen=True)
@@ -48,7 +105,10 @@ class CheckResult:
     status: Status
     observed_value: float | bool | None = None
     observed_unit: str | None = None
+    #: What /readyz says (no authentication): for a failure, the exception's type only.
     output: str | None = None
+    #: The failure's message too, redacted, for ``flask services check`` (operators) only.
+    detail: str | None = None
 
     def as_health_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -102,14 +162,14 @@ def _ping_redis() -> None:
 
 def run_checks(app: Flask) -> HealthReport:
     """Check every service of ``app`` now; never raises."""
-    optional = get_names(app.config, "HEALTH_OPTIONAL_SERVICES")
-    timeout = get_seconds(app.config, "HEALTH_CHECK_TIMEOUT")
-    probes = [_Probe("database", "datastore", "database" not in optional, _ping_database)]
+    settings = parse_health_settings(app.config)
+    timeout = settings.timeout
+    probes = [_Probe("database", "datastore", settings.is_required("database"), _ping_database)]
     static: list[CheckResult] = []
     redis_connector = app.extensions.get(REDIS_KEY)
     if isinstance(redis_connector, RedisConnector):
         if redis_connector.configured:
-            probes.append(_Probe("redis", "datastore", "redis" not in optional, _ping_redis))
+            probes.append(_Probe("redis", "datastore", settings.is_required("redis"), _ping_redis))
         else:
             static.append(
                 CheckResult(
@@ -162,13 +222,14 @@ def _run_probes(app: Flask, probes: list[_Probe], timeout: float) -> list[CheckR
 
 def _outcome(
     future: Future[float], timeout: float, failed: Status
-) -> tuple[Status, float | None, str | None, str | None]:
-    """(status, observed value, unit, output) of one finished, failed or unfinished probe."""
+) -> tuple[Status, float | None, str | None, str | None, str | None]:
+    """(status, observed value, unit, output, detail) of one finished, failed or unfinished probe."""
     if not future.done():
-        return failed, None, None, f"no answer within {timeout:g} s"
+        return failed, None, None, f"no answer within {timeout:g} s", None
     if (error := future.exception()) is not None:
-        return failed, None, None, redact(f"{type(error).__name__}: {error}".splitlines()[0])
-    return "pass", round(future.result(), 2), "ms", None
+        lines = redact(f"{type(error).__name__}: {error}").splitlines()
+        return failed, None, None, type(error).__name__, lines[0] if lines else None
+    return "pass", round(future.result(), 2), "ms", None, None
 
 
 def _breaker_results(app: Flask) -> list[CheckResult]:

@@ -87,8 +87,8 @@ def test_services_check_prints_every_service_and_exits_0(make_app, redis_server)
     assert CANARY_KEY not in result.output
 
 
-def test_services_check_exits_1_when_redis_is_down(make_app, disposable_redis):
-    app = make_app(REDIS_URL=disposable_redis.url)
+def test_services_check_exits_1_when_a_required_redis_is_down(make_app, disposable_redis):
+    app = make_app(REDIS_URL=disposable_redis.url, HEALTH_REQUIRED_SERVICES="redis")
     disposable_redis.stop()
 
     result = app.test_cli_runner().invoke(args=["services", "check"])
@@ -96,13 +96,14 @@ def test_services_check_exits_1_when_redis_is_down(make_app, disposable_redis):
     assert result.exit_code == 1, result.output
     rows = _rows(result.output)
     assert rows["redis"][1] == "FAIL"
-    assert len(rows["redis"]) == 4  # with a detail saying what went wrong
+    # The operator sees what went wrong (redacted); /readyz shows the type only.
+    assert rows["redis"][3].startswith("ConnectionError: ")
     assert rows["database"][1] == "PASS"
     assert "overall: fail" in result.output
 
 
-def test_services_check_with_optional_redis_down_warns_and_exits_0(make_app, disposable_redis):
-    app = make_app(REDIS_URL=disposable_redis.url, HEALTH_OPTIONAL_SERVICES="redis")
+def test_services_check_with_redis_down_warns_and_exits_0_by_default(make_app, disposable_redis):
+    app = make_app(REDIS_URL=disposable_redis.url)
     disposable_redis.stop()
 
     result = app.test_cli_runner().invoke(args=["services", "check"])
@@ -122,20 +123,22 @@ def test_services_info_when_nothing_is_configured(make_app):
 
     assert result.exit_code == 0, result.output
     rows = _rows(result.output)
-    assert rows["SERVICE"] == ["SERVICE", "CONFIGURED", "ENDPOINT", "TIMEOUTS", "CLIENT BUILT"]
+    assert rows["SERVICE"] == ["SERVICE", "CONFIGURED", "ENDPOINT", "TIMEOUTS", "RETRIES", "CLIENT BUILT"]
     assert rows["database"][1] == "yes"
     assert rows["database"][2] == f"sqlite:///{app.instance_path}/app.db"
     assert rows["redis"][1:3] == ["no (set REDIS_URL)", "-"]
-    assert rows["redis"][3] == "socket 1s, connect 1s, retries 1"
-    assert rows["openai:default"][1:4] == [
+    assert rows["redis"][3:5] == ["socket 1s, connect 1s", "client 1"]
+    assert rows["openai:default"][1:5] == [
         "no (set OPENAI_API_KEY)",
         "https://api.openai.com/v1",
-        "read 60s, connect 5s, retries 2",
+        "read 60s, connect 5s",
+        "llm 0, client 2",  # make_app sets LLM_MAX_RETRIES=0; the SDK's 2 are for get_openai_client()
     ]
-    assert rows["gemini"][1:4] == [
+    assert rows["gemini"][1:5] == [
         "no (set GEMINI_API_KEY)",
         "https://generativelanguage.googleapis.com",
         "read 60s",
+        "llm 0, client 0",
     ]
     # (The database is attached as soon as another app in this process has used it.)
     assert [rows[name][-1] for name in ("redis", "openai:default", "gemini")] == ["no", "no", "no"]
@@ -169,19 +172,40 @@ def test_services_info_redacts_credentials_and_shows_timeouts(make_app, postgres
     rows = _rows(result.output)
     port = postgres_server.port
     assert rows["database"][2] == f"postgresql+psycopg://app:***@127.0.0.1:{port}/app"
-    assert rows["database"][3] == "connect 3s"
-    assert rows["redis"][1:4] == [
+    assert rows["database"][3:5] == ["connect 3s", "-"]
+    assert rows["redis"][1:5] == [
         "yes",
         "redis://cache:***@127.0.0.1:6399/2",
-        "socket 0.25s, connect 0.75s, retries 0",
+        "socket 0.25s, connect 0.75s",
+        "client 0",
     ]
-    assert rows["openai:default"][1:4] == [
+    assert rows["openai:default"][1:5] == [
         "yes",
         local_server.url_for("/v1"),
-        "read 12s, connect 2.5s, retries 4",
+        "read 12s, connect 2.5s",
+        "llm 0, client 4",
     ]
     assert rows["openai:groq"][1:3] == ["no (set GROQ_API_KEY)", "https://api.groq.com/openai/v1"]
     assert rows["gemini"][1:4] == ["yes", "https://generativelanguage.googleapis.com", "read 30s"]
+
+
+def test_services_info_shows_the_retries_that_really_apply(make_app):
+    # The layer turns the SDKs' retries off under it and retries itself: an OpenAI profile
+    # with max_retries 2 is retried per LLM_MAX_RETRIES (or its LLM_POLICY override) by the layer.
+    app = make_app(
+        LLM_MAX_RETRIES=3,
+        OPENAI_MAX_RETRIES=2,
+        OPENAI_PROFILES={"vllm": {"base_url": "http://127.0.0.1:8000/v1", "max_retries": 5}},
+        LLM_POLICY={"vllm": {"max_retries": 1}, "gemini": {"max_retries": 0}},
+        ANTHROPIC_MAX_RETRIES=4,
+    )
+
+    rows = _rows(app.test_cli_runner().invoke(args=["services", "info"]).output)
+
+    assert rows["openai:default"][4] == "llm 3, client 2"
+    assert rows["openai:vllm"][4] == "llm 1, client 5"
+    assert rows["gemini"][4] == "llm 0, client 0"
+    assert rows["anthropic"][4] == "llm 3, client 4"
 
 
 def test_services_info_tells_whether_this_process_built_each_client(make_app, redis_server, local_server):

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from app.errors import ConfigError
 from app.services.openai_service import get_openai_client
 from tests.conftest import CANARY_KEY
 from tests.servers import ScriptedServer
@@ -93,7 +94,9 @@ def test_readyz_reports_each_openai_profile(make_app, upstream):
     assert upstream.requests == []
 
 
-def test_readyz_with_redis_passes_then_fails_when_redis_stops(make_app, disposable_redis):
+def test_readyz_with_redis_passes_then_warns_while_redis_is_down(make_app, disposable_redis):
+    # Everything the app keeps in Redis fails open, so a Redis outage degrades the app
+    # without stopping it: a warning, and the orchestrator keeps sending traffic.
     app = make_app(REDIS_URL=disposable_redis.url)
 
     response, body = _get_readyz(app)
@@ -105,11 +108,11 @@ def test_readyz_with_redis_passes_then_fails_when_redis_stops(make_app, disposab
 
     disposable_redis.stop()
     response, body = _get_readyz(app)
-    assert response.status_code == 503
-    assert body["status"] == "fail"
+    assert response.status_code == 200
+    assert body["status"] == "warn"
     redis_check = _checks(body)["redis:responseTime"]
-    assert redis_check["status"] == "fail"
-    assert redis_check["output"]  # what went wrong, e.g. "ConnectionError: ..."
+    assert redis_check["status"] == "warn"
+    assert redis_check["output"] == "ConnectionError"  # the type only: /readyz needs no authentication
     assert "observedValue" not in redis_check
     assert _checks(body)["database:responseTime"]["status"] == "pass"
 
@@ -119,17 +122,48 @@ def test_readyz_with_redis_passes_then_fails_when_redis_stops(make_app, disposab
     assert body["status"] == "pass"
 
 
-def test_optional_redis_that_fails_is_a_warning(make_app, disposable_redis):
-    app = make_app(REDIS_URL=disposable_redis.url, HEALTH_OPTIONAL_SERVICES="redis")
+def test_required_redis_that_fails_fails_readiness(make_app, disposable_redis):
+    app = make_app(REDIS_URL=disposable_redis.url, HEALTH_REQUIRED_SERVICES="redis")
     disposable_redis.stop()
+
+    response, body = _get_readyz(app)
+
+    assert response.status_code == 503
+    assert body["status"] == "fail"
+    assert _checks(body)["redis:responseTime"]["status"] == "fail"
+
+
+def test_an_optional_database_that_fails_is_a_warning(make_app, tmp_path):
+    # A database file in a folder that does not exist: SQLite cannot open it.
+    app = make_app(
+        DATABASE_URL=f"sqlite:///{tmp_path}/missing/dir/app.db", HEALTH_OPTIONAL_SERVICES="database"
+    )
 
     response, body = _get_readyz(app)
 
     assert response.status_code == 200
     assert body["status"] == "warn"
-    redis_check = _checks(body)["redis:responseTime"]
-    assert redis_check["status"] == "warn"
-    assert redis_check["output"]
+    assert _checks(body)["database:responseTime"]["status"] == "warn"
+    assert _checks(body)["database:responseTime"]["output"] == "OperationalError"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"HEALTH_OPTIONAL_SERVICES": "redsi"}, "HEALTH_OPTIONAL_SERVICES must name services among"
+                                                " database, redis, got 'redsi'; did you mean 'redis'?"),
+        ({"HEALTH_REQUIRED_SERVICES": "redis,db"}, "HEALTH_REQUIRED_SERVICES must name services among"),
+        ({"HEALTH_REQUIRED_SERVICES": "redis", "HEALTH_OPTIONAL_SERVICES": "redis"},
+         "HEALTH_OPTIONAL_SERVICES and HEALTH_REQUIRED_SERVICES both name redis; keep one"),
+        ({"HEALTH_CHECK_TIMEOUT": -1}, "HEALTH_CHECK_TIMEOUT must be a positive number of seconds, got -1"),
+        ({"HEALTH_CHECK_TIMEOUT": "soon"}, "HEALTH_CHECK_TIMEOUT must be a positive number of seconds"),
+    ],
+)  # fmt: skip
+def test_bad_health_settings_stop_start_up(make_app, settings, message):
+    # Read only when /readyz is asked, these used to start silently and make every probe a 500.
+    with pytest.raises(ConfigError) as info:
+        make_app(settings)
+    assert message in str(info.value)
 
 
 @pytest.mark.postgres
@@ -161,7 +195,7 @@ def test_readyz_fails_when_postgresql_is_unreachable(make_app, postgres_server):
     assert body["status"] == "fail"
     database = _checks(body)["database:responseTime"]
     assert database["status"] == "fail"
-    assert database["output"]
+    assert database["output"] == "OperationalError"
     assert postgres_server.password not in response.get_data(as_text=True)
 
 
@@ -181,11 +215,11 @@ def test_hung_redis_fails_within_the_check_timeout(make_app, hung_server):
 
     # The client alone would wait 5 s (and retry once): the probe gives up at 0.5 s.
     assert elapsed < 2.5
-    assert response.status_code == 503
+    assert response.status_code == 200  # Redis fails open: a warning
     assert response.headers["Cache-Control"] == "no-store"
     body = json.loads(response.get_data(as_text=True))
     redis_check = _checks(body)["redis:responseTime"]
-    assert redis_check["status"] == "fail"
+    assert redis_check["status"] == "warn"
     assert redis_check["output"] == "no answer within 0.5 s"
     assert hung_server.accepted >= 1, "the probe never reached the hung server"
 

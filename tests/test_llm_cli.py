@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import select
 import subprocess
@@ -384,14 +385,115 @@ def test_models_lists_an_openai_compatible_profile(profile_app, local_server):
     assert set(result.stdout.splitlines()[1:]) == {"  llama-local", "  qwen-local"}
 
 
-def test_models_on_an_unreachable_profile_is_one_error_line(make_app):
-    profiles = {"down": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "api_key": "k", "max_retries": 0}}
+def test_models_on_an_unreachable_profile_is_one_error_line_naming_the_url(make_app):
+    port = free_port()
+    profiles = {
+        "down": {
+            "base_url": f"http://admin:{CANARY_KEY}@127.0.0.1:{port}/v1",
+            "api_key": "k",
+            "max_retries": 0,
+        }
+    }
     app = make_app(OPENAI_PROFILES=json.dumps(profiles))
     result = run(app, "models", "--provider", "down")
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("down: error: ")
+    assert lines[0].endswith(f"(http://admin:***@127.0.0.1:{port}/v1/models)")  # where it tried, no password
     assert "Traceback" not in result.output
+    assert CANARY_KEY not in result.output
+
+
+def _flask(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The real ``flask`` command in a copy of the project's layout: .env and instance/config.py."""
+    instance = tmp_path / "instance"
+    instance.mkdir(exist_ok=True)
+    (instance / "config.py").write_text(
+        f"SECRET_KEY = {secrets.token_hex(32)!r}\n"
+    )  # as `make run` writes it
+    environ = {k: v for k, v in os.environ.items() if k not in ("FLASK_APP", "OPENAI_API_KEY", "OLLAMA_HOST")}
+    environ.update(INSTANCE_PATH=str(instance), DOTENV_PATH=str(tmp_path / ".env"), **env)
+    return subprocess.run(
+        [str(FLASK), "--app", "wsgi", *args],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_example_env_file_copied_as_it_is_runs_llm_models(tmp_path):
+    (tmp_path / ".env").write_text((ROOT / ".env.example").read_text())
+
+    result = _flask(tmp_path, "llm", "models")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        "anthropic: not configured (ANTHROPIC_API_KEY)",
+        "gemini: not configured (GEMINI_API_KEY)",
+        "openai: not configured (OPENAI_API_KEY)",
+    ]
+
+
+def test_an_unreachable_ollama_is_named_by_its_url(tmp_path):
+    (tmp_path / ".env").write_text((ROOT / ".env.example").read_text())
+    port = free_port()  # nothing listens there
+
+    result = _flask(tmp_path, "llm", "models", "--provider", "ollama", OLLAMA_HOST=f"http://127.0.0.1:{port}")
+
+    assert result.returncode == 1
+    assert result.stdout.strip() == (
+        f"ollama: error: ollama: the provider could not be reached (http://127.0.0.1:{port}/v1/models)"
+    )
+
+
+# --- flask llm breakers ------------------------------------------------------------------------
+
+
+def test_breakers_says_when_redis_is_unreachable_and_shows_the_local_state(make_app, disposable_redis):
+    settings = {"REDIS_URL": disposable_redis.url, "LLM_BREAKER_MIN_CALLS": 1, "LLM_BREAKER_FAILURE_RATE": 1}
+    app = make_app(settings)
+    fake = install_fake_llm(app)
+    fake.add_error(LLMServerError("down"))
+    with app.app_context(), pytest.raises(LLMServerError):
+        app.extensions["llm"].chat([{"role": "user", "content": "Hi"}], model="fake/shared")
+    shared = run(app, "breakers")
+    assert shared.exit_code == 0, shared.output
+    assert _table(shared.stdout)["fake/shared"][1::3] == ["open", "redis"]
+    assert shared.stderr == ""
+
+    disposable_redis.stop()
+    fake.add_error(LLMServerError("down"))
+    with app.app_context(), pytest.raises(LLMServerError):
+        app.extensions["llm"].chat([{"role": "user", "content": "Hi"}], model="fake/local")
+    local = run(app, "breakers")
+
+    assert local.exit_code == 1
+    port = disposable_redis.port
+    assert local.stderr.splitlines() == [
+        f"Redis (redis://127.0.0.1:{port}/0) is unreachable: the shared breakers cannot be read;"
+        " showing this process's own"
+    ]
+    rows = _table(local.stdout)
+    assert rows["fake/local"][1::3] == ["open", "local"]
+    assert rows["fake/shared"][1::3] == ["open", "local"]  # this process mirrored what Redis said
+    # A process of its own (the real command) has seen no call: it says so, not "no breaker yet".
+    fresh = run(make_app(settings), "breakers")
+    assert fresh.exit_code == 1
+    assert fresh.stdout.strip() == "this process has no breaker"
+    assert "is unreachable" in fresh.stderr
+
+
+def _table(output: str) -> dict[str, list[str]]:
+    return {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in output.splitlines())}
+
+
+def test_breakers_without_redis_says_each_process_has_its_own(app):
+    result = run(app, "breakers")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == "no breaker has seen a call yet"
+    assert "REDIS_URL is not set" in result.stderr
 
 
 # --- flask llm pull ----------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def world(make_app, monkeypatch, local_server, password_redis, postgres_server) 
         GENAI_BASE_URL=local_server.url_for("/gemini"),
         REDIS_URL=password_redis.url,
         DATABASE_URL=postgres_server.url,
+        HEALTH_REQUIRED_SERVICES="redis",  # so that a Redis outage is a failure, with its detail
     )
     return World(
         app,
@@ -329,6 +330,7 @@ def test_wrong_passwords_are_not_shown_either(make_app, password_redis, postgres
     app = make_app(
         REDIS_URL=f"redis://:{wrong_redis}@127.0.0.1:{password_redis.port}/0",
         DATABASE_URL=f"postgresql://app:{wrong_pg}@127.0.0.1:{postgres_server.port}/app",
+        HEALTH_REQUIRED_SERVICES="redis",
     )
     response = app.test_client().get("/readyz")
     check = app.test_cli_runner().invoke(args=["services", "check"])
@@ -372,7 +374,20 @@ def test_secret_never_prints_itself():
         ("rediss://user:p@ss:word@cache:6380/1?ssl=true", "rediss://user:***@cache:6380/1?ssl=true"),
         ("https://api.openai.com/v1", "https://api.openai.com/v1"),
         ("sqlite:////tmp/app.db", "sqlite:////tmp/app.db"),
-        ("redis://user:pw@[::1", "redis://***@[::1"),  # not parseable: masked by pattern
+        ("redis://user:pw@[::1", "redis://user:***@[::1"),  # not parseable: masked all the same
+        # A raw '#', '/' or '@' in the password: parsers disagree on the host, the mask does not.
+        ("postgresql://app:pa#ss/wo@rd@db:5432/app", "postgresql://app:***@db:5432/app"),
+        ("redis://:pa#ss@cache:6379/0", "redis://***@cache:6379/0"),
+        # In the query string, as redis-py and psycopg accept it.
+        ("redis://cache:6379/0?password=pa%23ss&db=1", "redis://cache:6379/0?password=***&db=1"),
+        (
+            "postgresql://app@db/app?sslmode=require&password=pa#ss/wd",
+            "postgresql://***@db/app?sslmode=require&password=***",
+        ),
+        (
+            "https://host/v1beta/models?key=AIza-secret-value&alt=sse",
+            "https://host/v1beta/models?key=***&alt=sse",
+        ),
     ],
 )
 def test_redact_url(url, expected):

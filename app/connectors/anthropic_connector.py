@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from app.config import get_count, get_seconds, get_str
+from app.config import check_http_url, get_count, get_seconds, get_str
 from app.connectors._base import (
     LoopBoundClients,
     SingleClientConnector,
@@ -52,7 +52,7 @@ def parse_anthropic_settings(config: Mapping[str, Any]) -> AnthropicSettings:
     key = get_str(config, "ANTHROPIC_API_KEY")
     settings = AnthropicSettings(
         api_key=Secret(key) if key else None,
-        base_url=get_str(config, "ANTHROPIC_BASE_URL"),
+        base_url=check_http_url(get_str(config, "ANTHROPIC_BASE_URL"), "ANTHROPIC_BASE_URL"),
         timeout=get_seconds(config, "ANTHROPIC_TIMEOUT"),
         connect_timeout=get_seconds(config, "ANTHROPIC_CONNECT_TIMEOUT"),
         max_retries=get_count(config, "ANTHROPIC_MAX_RETRIES"),

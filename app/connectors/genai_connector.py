@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from app.config import get_bool, get_seconds, get_str
+from app.config import check_http_url, get_bool, get_seconds, get_str
 from app.connectors._base import SingleClientConnector, current_connector, reset_registered
 from app.connectors.outbound import genai_client_args
 from app.errors import ServiceNotConfiguredError
@@ -65,7 +65,7 @@ def parse_genai_settings(config: Mapping[str, Any]) -> GenAISettings:
     settings = GenAISettings(
         api_key=Secret(key) if key else None,
         api_key_setting="GEMINI_API_KEY" if gemini_key or not google_key else "GOOGLE_API_KEY",
-        base_url=get_str(config, "GENAI_BASE_URL"),
+        base_url=check_http_url(get_str(config, "GENAI_BASE_URL"), "GENAI_BASE_URL"),
         api_version=get_str(config, "GENAI_API_VERSION"),
         timeout=get_seconds(config, "GENAI_TIMEOUT"),
         vertexai=get_bool(config, "GOOGLE_GENAI_USE_VERTEXAI"),

@@ -21,7 +21,16 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from app.config import get_count, get_mapping, get_seconds, get_str, parse_count, parse_seconds
+from app.config import (
+    check_http_url,
+    closest,
+    get_count,
+    get_mapping,
+    get_seconds,
+    get_str,
+    parse_count,
+    parse_seconds,
+)
 from app.connectors._base import (
     Connector,
     LazyClient,
@@ -55,6 +64,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "groq": {"base_url": "https://api.groq.com/openai/v1", "api_key_env": "GROQ_API_KEY"},
     "ollama": {"base_url": "http://127.0.0.1:11434/v1"},
 }
+
+#: Providers the LLM layer addresses by these names itself: a profile so named could never be reached.
+BUILTIN_PROVIDERS = ("openai", "gemini", "anthropic")
 
 #: Sent as the key to endpoints that need none (Ollama, vLLM): the SDK insists on one.
 KEYLESS_PLACEHOLDER = "not-needed"
@@ -108,7 +120,7 @@ def parse_openai_settings(config: Mapping[str, Any]) -> dict[str, OpenAIProfile]
     profiles = {
         DEFAULT_PROFILE: OpenAIProfile(
             name=DEFAULT_PROFILE,
-            base_url=get_str(config, "OPENAI_BASE_URL"),
+            base_url=check_http_url(get_str(config, "OPENAI_BASE_URL"), "OPENAI_BASE_URL"),
             api_key=Secret(key) if key else None,
             api_key_setting="OPENAI_API_KEY",
             organization=get_str(config, "OPENAI_ORGANIZATION"),
@@ -120,12 +132,14 @@ def parse_openai_settings(config: Mapping[str, Any]) -> dict[str, OpenAIProfile]
     }
     for name, raw in get_mapping(config, "OPENAI_PROFILES").items():
         where = f"OPENAI_PROFILES[{name!r}]"
+        _check_profile_name(name, where)
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{where} must be a mapping of settings, got {type(raw).__name__}")
         unknown = sorted(set(raw) - PROFILE_KEYS)
         if unknown:
             raise ConfigError(
-                f"{where} has unknown settings {unknown}; expected some of {sorted(PROFILE_KEYS)}"
+                f"{where} has unknown settings {unknown}{closest(str(unknown[0]), PROFILE_KEYS)};"
+                f" expected some of {sorted(PROFILE_KEYS)}"
             )
         preset = dict(_presets(config).get(name, {}))
         if raw.get("api_key"):  # a key given inline replaces the preset's key variable
@@ -159,9 +173,22 @@ def parse_openai_settings(config: Mapping[str, Any]) -> dict[str, OpenAIProfile]
     return profiles
 
 
+def _check_profile_name(name: object, where: str) -> None:
+    """A name the layer can address as ``name/model``, and no built-in provider's."""
+    if not isinstance(name, str) or not name.strip() or "/" in name or name != name.strip():
+        raise ConfigError(f"{where}: a profile name must be a non-empty name without '/' or spaces")
+    if name in BUILTIN_PROVIDERS:
+        raise ConfigError(
+            f"{where} is named like the built-in provider {name!r}, so '{name}/model' could never reach"
+            " it; give the profile another name"
+            + (" (the OPENAI_* keys configure the 'default' profile, addressed as 'openai/...')"
+               if name == "openai" else "")
+        )  # fmt: skip
+
+
 def _presets(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The well-known presets, with Ollama's URL following ``OLLAMA_HOST`` when it is set."""
-    host = get_str(config, "OLLAMA_HOST")
+    host = check_http_url(get_str(config, "OLLAMA_HOST"), "OLLAMA_HOST")
     if host is None:
         return PRESETS
     return {**PRESETS, "ollama": {"base_url": host.rstrip("/") + "/v1"}}
@@ -197,7 +224,8 @@ def _parse_profile(
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise ConfigError(f"{where}.default_headers must be a mapping of header names to strings")
-    azure_endpoint = text("azure_endpoint")
+    azure_endpoint = check_http_url(text("azure_endpoint"), f"{where}.azure_endpoint")
+    check_http_url(text("base_url"), f"{where}.base_url")
     if azure_endpoint and not text("api_version"):
         raise ConfigError(f"{where}.api_version is required for an Azure profile (e.g. '2024-10-21')")
     if azure_endpoint and text("base_url"):

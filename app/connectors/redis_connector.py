@@ -8,15 +8,16 @@ and a health check on connections idle for 30 s.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from app.config import get_count, get_seconds, get_str
+from app.config import get_count, get_seconds, get_str, parse_service_url
 from app.connectors._base import SingleClientConnector, current_connector, reset_registered
 from app.errors import ConfigError, ServiceNotConfiguredError
-from app.redaction import Secret, redact_url, register_secret
+from app.redaction import Secret, redact_url, register_url_secrets
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -43,13 +44,7 @@ class RedisSettings:
 def parse_redis_settings(config: Mapping[str, Any]) -> RedisSettings:
     url = get_str(config, "REDIS_URL")
     if url is not None:
-        scheme = urlsplit(url).scheme
-        if scheme not in SCHEMES:
-            raise ConfigError(
-                f"REDIS_URL must start with redis://, rediss:// or unix://, got {scheme or 'no'} scheme"
-            )
-        password = urlsplit(url).password
-        register_secret(password)
+        check_redis_url(url)
     return RedisSettings(
         url=Secret(url) if url else None,
         socket_timeout=get_seconds(config, "REDIS_SOCKET_TIMEOUT"),
@@ -57,6 +52,31 @@ def parse_redis_settings(config: Mapping[str, Any]) -> RedisSettings:
         max_retries=get_count(config, "REDIS_MAX_RETRIES"),
         health_check_interval=get_count(config, "REDIS_HEALTH_CHECK_INTERVAL"),
     )
+
+
+def check_redis_url(url: str, key: str = "REDIS_URL") -> None:
+    """Scheme, host, port and database of a Redis URL, as redis-py (``urlparse``) will read it.
+
+    A raw ``#`` or ``/`` in the password cannot work there (the URL ends, or
+    the host starts, at it), so it fails here, with a message that shows no
+    part of the password.
+    """
+    register_url_secrets(url)
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        scheme = ""
+    if scheme not in SCHEMES:
+        raise ConfigError(
+            f"{key} must start with redis://, rediss:// or unix://, got {scheme or 'no'} scheme"
+        )
+    parse_service_url(url, key, SCHEMES, host_required=False)
+    path = urlsplit(url).path
+    if scheme != "unix" and not re.fullmatch(r"/?(\d+)?", path):
+        raise ConfigError(
+            f"{key} must end with a database number (/0), got {redact_url(url)!r}"
+            " (a '/' or '@' in a password must be percent-encoded as %2F, %40)"
+        )
 
 
 def build_redis_client(settings: RedisSettings) -> Redis:

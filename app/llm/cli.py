@@ -13,6 +13,8 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 
 from app.connectors._base import Connector
+from app.connectors.redis_connector import EXTENSION_KEY as REDIS_KEY
+from app.connectors.redis_connector import RedisConnector
 from app.llm.catalogue import Catalogue
 from app.llm.client import OPENAI_PROVIDER, get_llm
 from app.llm.errors import LLMError, LLMNotConfiguredError
@@ -252,13 +254,31 @@ def pull_command(model: str) -> None:
 
 @llm_cli.command("breakers")
 def breakers_command() -> None:
-    """The state of every circuit breaker: provider/model, state, failure rate, time left open."""
+    """The state of every circuit breaker: provider/model, state, failure rate, time left open.
+
+    The breakers live in Redis when REDIS_URL is set. When Redis does not answer, this says so,
+    shows this process's own breakers instead (a new process has none) and exits 1.
+    """
     from app.cli import _table
     from app.llm import get_llm
 
-    states = get_llm().guards.breakers.states()
+    breakers = get_llm().guards.breakers
+    states = breakers.states()
+    redis = current_app.extensions.get(REDIS_KEY)
+    configured = isinstance(redis, RedisConnector) and redis.configured
+    unreachable = configured and not breakers.gate.available
+    if isinstance(redis, RedisConnector) and unreachable:
+        click.echo(
+            f"Redis ({redis.settings.endpoint}) is unreachable: the shared breakers cannot be read;"
+            " showing this process's own",
+            err=True,
+        )
+    elif not configured:
+        click.echo("REDIS_URL is not set: each process keeps its own breakers; showing this one's", err=True)
     if not states:
-        click.echo("no breaker has seen a call yet")
+        click.echo("no breaker has seen a call yet" if not unreachable else "this process has no breaker")
+        if unreachable:
+            sys.exit(1)
         return
     rows = [
         (
@@ -271,3 +291,5 @@ def breakers_command() -> None:
         for s in sorted(states, key=lambda s: s.key)
     ]
     click.echo(_table(("MODEL", "STATE", "FAILURES", "OPEN FOR", "BACKEND"), rows))
+    if unreachable:
+        sys.exit(1)

@@ -28,17 +28,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import Flask, current_app
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import Engine
 from sqlalchemy.orm import DeclarativeBase, scoped_session
 
-from app.config import get_bool, get_seconds, get_str
+from app.config import check_database_url, get_bool, get_seconds, get_str
 from app.connectors._base import Connector, current_connector, on_fork_in_child, register
 from app.errors import ConfigError
-from app.redaction import redact_url, register_secret
+from app.redaction import redact_url
 
 __all__ = ["Base", "db", "get_db", "init_app", "transaction"]
 
@@ -88,7 +87,7 @@ def parse_database_settings(config: Mapping[str, Any], instance_path: str) -> Da
         raise ConfigError(
             f"{key} must be a sqlite:///, postgres:// or postgresql:// URL, got {redact_url(url)!r}"
         )
-    register_secret(urlsplit(url).password)
+    check_database_url(url, key)  # host and port as SQLAlchemy reads them; registers its passwords
     return DatabaseSettings(
         url=url,
         connect_timeout=get_seconds(config, "DATABASE_CONNECT_TIMEOUT"),

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from app.config import get_mapping, parse_count, parse_seconds
+from app.config import closest, get_mapping, parse_count, parse_seconds
 from app.errors import ConfigError
 
 
@@ -160,12 +160,53 @@ class ResilienceSettings:
         return self.overrides.get(f"{provider}/{model}") or self.overrides.get(provider) or self.base
 
 
+#: Providers every app can address, besides its OpenAI profiles: the built-in ones, and the
+#: fake provider that app.llm.testing registers after start-up (tests configure policies for it).
+BUILTIN_PROVIDERS = frozenset({"openai", "gemini", "anthropic", "fake"})
+
+
 def parse_resilience_settings(config: Mapping[str, Any]) -> ResilienceSettings:
     base = ProviderPolicy()
     for key, (section, name) in KEYS.items():
         if key in config:
             base = _apply(base, key, section, name, config[key])
-    return ResilienceSettings(base=base, overrides=_overrides(config, base), fallbacks=_fallbacks(config))
+    settings = ResilienceSettings(base=base, overrides=_overrides(config, base), fallbacks=_fallbacks(config))
+    check_provider_names(config, settings)
+    return settings
+
+
+def known_providers(config: Mapping[str, Any]) -> frozenset[str]:
+    """Every provider name a call may use: the built-in ones and the OpenAI profiles of ``config``."""
+    from app.connectors.openai_connector import parse_openai_settings  # validated there already
+
+    return BUILTIN_PROVIDERS | {name for name in parse_openai_settings(config) if name != "default"}
+
+
+def check_provider_names(config: Mapping[str, Any], settings: ResilienceSettings) -> None:
+    """Each provider named by LLM_POLICY, LLM_RATE_LIMITS, LLM_FALLBACKS and LLM_DEFAULT_MODEL exists.
+
+    A misspelt one would otherwise be a policy that never applies, or a
+    fallback (or a default model) that fails at the first call.
+    """
+    named: list[tuple[str, str]] = []  # (where, provider)
+    for key in ("LLM_POLICY", "LLM_RATE_LIMITS"):
+        named += [(f"{key}[{target!r}]", target.partition("/")[0]) for target in get_mapping(config, key)]
+    for model, chain in settings.fallbacks.items():
+        named.append((f"LLM_FALLBACKS[{model!r}]", model.partition("/")[0]))
+        named += [(f"LLM_FALLBACKS[{model!r}] ({entry!r})", entry.partition("/")[0]) for entry in chain]
+    default_model = config.get("LLM_DEFAULT_MODEL")
+    if isinstance(default_model, str) and "/" in default_model:
+        named.append(("LLM_DEFAULT_MODEL", default_model.strip().partition("/")[0]))
+    if not named:
+        return
+    known = known_providers(config)
+    for where, provider in named:
+        if provider not in known:
+            listed = ", ".join(sorted(known - {"fake"}))
+            raise ConfigError(
+                f"{where} names the provider {provider!r}, which does not exist{closest(provider, known)};"
+                f" known providers: {listed} (OpenAI-compatible ones are the profiles of OPENAI_PROFILES)"
+            )
 
 
 def _overrides(config: Mapping[str, Any], base: ProviderPolicy) -> dict[str, ProviderPolicy]:
@@ -179,7 +220,8 @@ def _overrides(config: Mapping[str, Any], base: ProviderPolicy) -> dict[str, Pro
         unknown = sorted(set(raw) - set(_OVERRIDE_FIELDS))
         if unknown:
             raise ConfigError(
-                f"{where} has unknown settings {unknown}; expected some of {sorted(_OVERRIDE_FIELDS)}"
+                f"{where} has unknown settings {unknown}{closest(str(unknown[0]), _OVERRIDE_FIELDS)};"
+                f" expected some of {sorted(_OVERRIDE_FIELDS)}"
             )
         entries = settings.setdefault(target, [])
         for name, value in raw.items():
