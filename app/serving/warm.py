@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import platform
 import time
 from typing import Any
 
@@ -88,6 +89,10 @@ def warm_worker(app: Flask, *, on_loop: bool = False) -> dict[str, Any]:
     database connect on first use, as before.
     """
     modules = import_sdks(app)
+    # The SDKs' first request describes the platform in its headers (openai, anthropic: once per
+    # process, cached), and platform.uname() asks `uname -p` in a subprocess: under gevent, a
+    # thousand first requests at once would each fork one. Asked once here, it is cached.
+    platform.processor()
     from app.llm import get_llm
 
     providers: list[str] = []
