@@ -35,6 +35,7 @@ import os
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -534,6 +535,64 @@ async def run_litellm_row(
     return row.summary()
 
 
+async def first_call(
+    worker_class: str, preload: bool, tmp: Path, upstream_port: int, warm: int = 20
+) -> dict[str, Any]:
+    """A fresh gunicorn (``-w 1``): its first ``/api/chat`` against the median of the ``warm`` after it."""
+    port = free_port()
+    env = app_env(worker_class, upstream_port, tmp, PORT=str(port))
+    log = tmp / f"first-{worker_class}-{preload}.log"
+    args = [GUNICORN, "-c", "gunicorn.conf.py", "-w", "1", *(["--preload"] if preload else []), "wsgi:app"]
+    master = spawn(args, env, log)
+    body = json.dumps({"model": "openai/d1x0", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    try:
+        await wait_for_port(port)
+        while " warm: " not in log.read_text(errors="replace"):
+            await asyncio.sleep(0.05)
+        timings = []
+        for _ in range(warm + 1):
+            started = time.perf_counter()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /api/chat HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            timings.append(time.perf_counter() - started)
+    finally:
+        stop(master)
+    warm_median = statistics.median(timings[1:])
+    return {"first_ms": timings[0] * 1000, "warm_ms": warm_median * 1000, "ratio": timings[0] / warm_median}
+
+
+async def first_call_scenario(processes: int) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-first-") as folder:
+        tmp = Path(folder)
+        upstream_port = free_port()
+        upstream = spawn([PYTHON, __file__, "--serve-upstream", str(upstream_port)], log=tmp / "upstream.log")
+        try:
+            await wait_for_port(upstream_port)
+            for worker_class in ("gthread", "gevent"):
+                for preload in (False, True):
+                    runs = [
+                        await first_call(worker_class, preload, tmp, upstream_port) for _ in range(processes)
+                    ]
+                    ratios = sorted(run["ratio"] for run in runs)
+                    rows.append({
+                        "server": f"{worker_class}{' --preload' if preload else ''}",
+                        "ratio_median": round(statistics.median(ratios), 2),
+                        "ratio_range": [round(ratios[0], 2), round(ratios[-1], 2)],
+                        "first_ms": [round(run["first_ms"], 1) for run in runs],
+                        "warm_ms": [round(run["warm_ms"], 1) for run in runs],
+                    })  # fmt: skip
+        finally:
+            stop(upstream)
+    return rows
+
+
 def print_rows(rows: list[dict[str, Any]], load: str) -> None:
     print(f"concurrent streams ({load}); load average {os.getloadavg()[0]:.2f}")
     header = f"{'server':<42} {'done':>6} {'errors':>8} {'ttfb p50':>9} {'ttfb p99':>9} {'wall':>7}"
@@ -553,7 +612,9 @@ def print_rows(rows: list[dict[str, Any]], load: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", choices=["acceptance", "make-run", "custom"], default="custom")
+    parser.add_argument(
+        "--scenario", choices=["acceptance", "make-run", "first-call", "custom"], default="custom"
+    )
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--deltas", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -563,6 +624,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--litellm", help="path of a LiteLLM virtualenv's litellm executable (a peer)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.scenario == "first-call":  # a new worker's first /api/chat against its warm ones
+        first = asyncio.run(first_call_scenario(3))
+        print(f"first /api/chat in a new worker vs a warm one (3 processes); load {os.getloadavg()[0]:.2f}")
+        for row in first:
+            print(f"  {row}")
+        return first
     if args.scenario == "make-run":  # `make run`: gthread, its default threads, 32 streams of 5 s
         args.clients, args.deltas, args.seconds, args.classes, args.probe = 32, 10, 5.0, "gthread", True
         args.gateway = False

@@ -18,9 +18,11 @@ import importlib.util
 import logging
 import platform
 import time
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask
+
+from app.config import get_str
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +71,52 @@ def _installed(module: str) -> bool:
 
 
 def import_sdks(app: Flask) -> list[str]:
-    """Import the SDKs (and adapters) of the configured services; builds no client."""
+    """Import the SDKs (and adapters) of the configured services; builds no client.
+
+    The openai SDK's response models also build their pydantic schemas on the
+    first answer they parse (about 10 ms): a sample of each answer the layer
+    reads is parsed here, as the SDK parses one, so that no user's call pays it.
+    """
     started = time.perf_counter()
     modules = sdk_modules(app)
     for module in modules:
         importlib.import_module(module)
+    if "openai" in modules:
+        _parse_openai_samples()
     logger.info("imported %s in %.2f s", ", ".join(modules) or "nothing", time.perf_counter() - started)
     return modules
+
+
+#: One answer of each kind the OpenAI adapter reads, with every nested part it may hold.
+_OPENAI_USAGE = {
+    "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
+    "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0},
+}  # fmt: skip
+_OPENAI_CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+_OPENAI_SAMPLES = {
+    "ChatCompletion": {
+        "id": "x", "object": "chat.completion", "created": 0, "model": "m", "usage": _OPENAI_USAGE,
+        "choices": [{
+            "index": 0, "finish_reason": "stop", "logprobs": None,
+            "message": {"role": "assistant", "content": "hi", "tool_calls": [_OPENAI_CALL]},
+        }],
+    },
+    "ChatCompletionChunk": {
+        "id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "usage": _OPENAI_USAGE,
+        "choices": [{
+            "index": 0, "finish_reason": None,
+            "delta": {"role": "assistant", "content": "hi", "tool_calls": [{"index": 0, **_OPENAI_CALL}]},
+        }],
+    },
+}  # fmt: skip
+
+
+def _parse_openai_samples() -> None:
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    for model in (ChatCompletion, ChatCompletionChunk):
+        # The SDK's own lazy parse (openai's construct, as its responses use), not validation.
+        cast(Any, model).construct(**_OPENAI_SAMPLES[model.__name__])
 
 
 def warm_worker(app: Flask, *, on_loop: bool = False) -> dict[str, Any]:
@@ -104,13 +145,31 @@ def warm_worker(app: Flask, *, on_loop: bool = False) -> dict[str, Any]:
             for name in _configured_providers(app):
                 llm.provider(name)
                 providers.append(name)
+            _load_model_catalogue(llm, providers, get_str(app.config, "LLM_DEFAULT_MODEL"))
         for build in _client_builders(app):
             build()
         if on_loop:
             from app.serving.background import run_on_loop
 
             run_on_loop(app, _build_async_clients, timeout=30)
+    # One request through the app (routing, request and response objects, before_request hooks),
+    # the first of which costs several times a later one.
+    app.test_client().get("/livez")
     return {"modules": modules, "providers": providers}
+
+
+def _load_model_catalogue(llm: Any, providers: list[str], default_model: str | None) -> None:
+    """Load the model catalogue's data (genai-prices' snapshot: about 60 ms on a call's first answer).
+
+    Every answer is priced from it; the first lookup loads the data every model shares.
+    """
+    catalogue = getattr(llm, "catalogue", None)
+    if catalogue is None:
+        return
+    addresses = [default_model] if default_model else [f"{name}/warm-up" for name in providers[:1]]
+    for address in addresses:
+        provider, _, model = address.partition("/")
+        catalogue.lookup(provider, model)
 
 
 def _client_builders(app: Flask) -> list[Any]:
