@@ -130,7 +130,11 @@ def normalise_tool_choice(choice: Any, tools: Sequence[ToolSpec]) -> ToolChoice 
         raise LLMBadRequestError("tool_choice 'required' needs tools", field="tool_choice")
     if choice in ("auto", "none", "required"):
         return ToolChoice(choice)
-    name = choice.get("function", {}).get("name") if isinstance(choice, Mapping) else choice
+    if isinstance(choice, Mapping):  # {"type": "function", "function": {"name": ...}}, any JSON inside
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else None
+    else:
+        name = choice
     if isinstance(name, str) and any(tool.name == name for tool in tools):
         return ToolChoice("tool", name)
     raise LLMBadRequestError(

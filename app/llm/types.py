@@ -8,11 +8,13 @@ a list of parts); :func:`normalise_messages` validates them once into
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal, cast
 
+from app.jsonbounds import too_deep
 from app.llm.errors import LLMBadRequestError
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
@@ -21,6 +23,34 @@ ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
 #: Other names accepted for a role: ``developer`` is OpenAI's newer name for ``system``.
 ROLE_ALIASES: dict[str, Role] = {"developer": "system"}
 _ROLE_NAMES = sorted([*ROLES, *ROLE_ALIASES])
+
+
+#: A UTF-16 surrogate: in a Python string always a lone one (``"\ud800"`` from JSON), which no
+#: provider can be sent (UTF-8 cannot encode it).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: How deeply a tool call's JSON arguments may nest: the parser recurses once per level.
+MAX_ARGUMENTS_DEPTH = 64
+
+
+def check_text(where: str, value: str) -> str:
+    """``value``, or an LLMBadRequestError naming ``where`` if it holds a lone surrogate."""
+    if not value.isascii() and _SURROGATE.search(value):
+        raise LLMBadRequestError(f"{where} holds a lone UTF-16 surrogate, which is not text", field=where)
+    return value
+
+
+def check_texts(where: str, value: Any) -> None:
+    """:func:`check_text` on every string of a JSON-like value (keys too), naming the first bad one."""
+    if isinstance(value, str):
+        check_text(where, value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str):
+                check_text(where, key)
+            check_texts(f"{where}.{key}", item)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_texts(f"{where}[{index}]", item)
 
 
 @dataclass(frozen=True)
@@ -155,7 +185,9 @@ def _message(index: int, raw: Any) -> Message:
             )
     content = raw.get("content")
     if type(content) is str and role != "tool" and len(raw) == 2:  # {"role", "content": "text"}
-        return Message(role=cast(Role, role), parts=(TextPart(content),))
+        return Message(
+            role=cast(Role, role), parts=(TextPart(check_text(f"messages[{index}].content", content)),)
+        )
     where = f"messages[{index}]"
     raw_calls = raw.get("tool_calls")
     parts = _parts(where, content, allow_empty=role == "assistant" and bool(raw_calls))
@@ -167,7 +199,11 @@ def _message(index: int, raw: Any) -> Message:
         raise LLMBadRequestError(
             f"{where}.tool_call_id is required for a tool result", field=f"{where}.tool_call_id"
         )
+    if isinstance(tool_call_id, str):
+        check_text(f"{where}.tool_call_id", tool_call_id)
     name = raw.get("name")
+    if isinstance(name, str):
+        check_text(f"{where}.name", name)
     return Message(role=cast(Role, role), parts=parts, tool_calls=tool_calls, tool_call_id=tool_call_id,
                    name=name if isinstance(name, str) else None)  # fmt: skip
 
@@ -176,7 +212,7 @@ def _parts(where: str, content: Any, *, allow_empty: bool) -> tuple[Part, ...]:
     if content is None and allow_empty:
         return ()
     if isinstance(content, str):
-        return (TextPart(content),)
+        return (TextPart(check_text(f"{where}.content", content)),)
     if not isinstance(content, list) or (not content and not allow_empty):
         raise LLMBadRequestError(
             f"{where}.content must be a string or a non-empty list of parts", field=f"{where}.content"
@@ -186,40 +222,46 @@ def _parts(where: str, content: Any, *, allow_empty: bool) -> tuple[Part, ...]:
 
 def _part(where: str, part: Any) -> Part:
     if isinstance(part, str):
-        return TextPart(part)
+        return TextPart(check_text(where, part))
     if not isinstance(part, Mapping):
         raise LLMBadRequestError(f"{where} must be a text or image part", field=where)
     kind = part.get("type")
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise LLMBadRequestError(f"{where}.text must be a string", field=f"{where}.text")
-        return TextPart(part["text"])
+        return TextPart(check_text(f"{where}.text", part["text"]))
     if kind in ("image", "image_url"):
-        url = part.get("url")
-        if kind == "image_url":  # the OpenAI form, accepted as given
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
-        data = part.get("data")
-        if isinstance(url, str) and url:
-            return ImagePart(url=url)
-        if isinstance(data, bytes | bytearray):
-            mime = part.get("mime_type")
-            if not isinstance(mime, str) or "/" not in mime:
-                raise LLMBadRequestError(
-                    f"{where}.mime_type is required with image bytes (e.g. image/png)",
-                    field=f"{where}.mime_type",
-                )
-            return ImagePart(data=bytes(data), mime_type=mime)
-        # Point at the url: it is what a JSON caller can send (bytes are for Python callers).
-        missing = f"{where}.url"
-        if kind == "image_url":
-            missing = (
-                f"{where}.image_url.url"
-                if isinstance(part.get("image_url"), Mapping)
-                else f"{where}.image_url"
-            )
-        raise LLMBadRequestError(f"{where} needs a url or data (bytes) with a mime_type", field=missing)
+        return _image_part(where, kind, part)
     raise LLMBadRequestError(f"{where}.type must be 'text' or 'image', got {kind!r}", field=f"{where}.type")
+
+
+def _image_part(where: str, kind: str, part: Mapping[str, Any]) -> ImagePart:
+    url = part.get("url")
+    # Where a JSON caller puts the url (bytes are for Python callers).
+    at = f"{where}.url"
+    if kind == "image_url":  # the OpenAI form, accepted as given
+        image_url = part.get("image_url")
+        url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
+        at = f"{where}.image_url.url" if isinstance(image_url, Mapping) else f"{where}.image_url"
+    if isinstance(url, str) and url:
+        image = ImagePart(url=check_text(at, url))
+        if url.startswith("data:"):  # some adapters decode it: a bad one is the caller's mistake
+            try:
+                inline = image.as_bytes()
+            except ValueError:  # binascii.Error: not base64
+                inline = None
+            if inline is None:
+                raise LLMBadRequestError(f"{at} must be a data:<mime type>;base64,<data> URL", field=at)
+        return image
+    data = part.get("data")
+    if isinstance(data, bytes | bytearray):
+        mime = part.get("mime_type")
+        if not isinstance(mime, str) or "/" not in mime:
+            raise LLMBadRequestError(
+                f"{where}.mime_type is required with image bytes (e.g. image/png)", field=f"{where}.mime_type"
+            )
+        return ImagePart(data=bytes(data), mime_type=mime)
+    raise LLMBadRequestError(f"{where} needs a url or data (bytes) with a mime_type", field=at)
 
 
 def _tool_call(where: str, raw: Any) -> ToolCall:
@@ -229,17 +271,31 @@ def _tool_call(where: str, raw: Any) -> ToolCall:
         nested = raw.get("function")
         function: Mapping[str, Any] = nested if isinstance(nested, Mapping) else raw
         name, arguments = function.get("name"), function.get("arguments", {})
+        at = f"{where}.function" if isinstance(nested, Mapping) else where
         if isinstance(arguments, str):
             import json
 
+            if too_deep(arguments, MAX_ARGUMENTS_DEPTH):  # refused before the recursive parser
+                raise LLMBadRequestError(
+                    f"{where}.arguments nests more than {MAX_ARGUMENTS_DEPTH} levels deep",
+                    field=f"{at}.arguments",
+                )
             try:
-                arguments = json.loads(arguments or "{}")
-            except json.JSONDecodeError:
-                at = f"{where}.function.arguments" if isinstance(nested, Mapping) else f"{where}.arguments"
-                raise LLMBadRequestError(f"{where}.arguments is not valid JSON", field=at) from None
+                arguments = json.loads(arguments or "{}", parse_constant=_not_json)
+            except ValueError:  # not JSON, or a number too long to convert
+                raise LLMBadRequestError(
+                    f"{where}.arguments is not valid JSON", field=f"{at}.arguments"
+                ) from None
         if isinstance(name, str) and isinstance(arguments, dict):
-            return ToolCall(id=str(raw.get("id") or name), name=name, arguments=arguments)
+            check_text(f"{at}.name", name)
+            check_texts(f"{at}.arguments", arguments)
+            call_id = raw.get("id") or name
+            return ToolCall(id=check_text(f"{where}.id", str(call_id)), name=name, arguments=arguments)
     raise LLMBadRequestError(f"{where} must be a ToolCall or {{id, name, arguments}}", field=where)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity, which Python's parser would take
 
 
 def system_text(messages: Iterable[Message]) -> str | None:

@@ -17,7 +17,7 @@ adds to the body rather than to what the layer built. Structured output uses the
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 from app.connectors.anthropic_connector import AnthropicConnector, current_anthropic_connector
@@ -192,6 +192,62 @@ def check_parameters(request: ChatRequest) -> None:
     for name in ("temperature", "top_k"):
         if getattr(request, name) is not None:
             raise LLMBadRequestError(f"Anthropic takes no {name} with thinking (thinking_budget)", field=name)
+
+
+def check_schema(request: ChatRequest) -> None:
+    """Refuse a structured-output schema Anthropic cannot take, naming the subschema at fault.
+
+    ``anthropic.transform_schema`` (what :func:`build_params` sends) needs every
+    subschema to have a ``type``, ``anyOf``, ``oneOf``, ``allOf``, ``const`` or
+    ``enum``, and a ``type`` it knows; it raises on anything else, which would
+    otherwise surface mid-call as an unreadable provider error. Images the
+    Messages API cannot fetch (not inline, not http or https) are refused here too.
+    """
+    for index, message in enumerate(request.messages):
+        for position, part in enumerate(message.parts):
+            fetchable = isinstance(part, ImagePart) and (part.url or "").startswith(("http://", "https://"))
+            if isinstance(part, ImagePart) and part.as_bytes() is None and not fetchable:
+                raise LLMBadRequestError(
+                    "an image must be bytes, a base64 data: URL or an http(s) URL for Anthropic",
+                    field=f"messages[{index}].content[{position}].url",
+                )
+    response_format = request.response_format
+    if response_format is None or is_json_mode(response_format):
+        return
+    where = "response_format"
+    if isinstance(response_format, Mapping) and response_format.get("type") == "json_schema":
+        where = "response_format.json_schema.schema"
+    fault = _schema_fault(json_schema(response_format), where)
+    if fault is not None:
+        path, reason = fault
+        raise LLMBadRequestError(f"Anthropic cannot take the JSON schema at {path}: {reason}", field=path)
+
+
+def _schema_fault(schema: Any, where: str) -> tuple[str, str] | None:
+    """Where ``anthropic.transform_schema`` fails on ``schema`` (the deepest failing subschema), and why."""
+    try:
+        anthropic.transform_schema(schema)
+    except Exception as exc:  # ValueError, AssertionError, TypeError... on what it cannot read
+        reason = str(exc) or type(exc).__name__
+    else:
+        return None
+    if isinstance(schema, Mapping):
+        children: list[tuple[str, Any]] = []
+        for key in ("properties", "$defs", "definitions"):
+            if isinstance(schema.get(key), Mapping):
+                children += [(f"{where}.{key}.{name}", child) for name, child in schema[key].items()]
+        for key in ("anyOf", "oneOf", "allOf"):
+            if isinstance(schema.get(key), list):
+                children += [(f"{where}.{key}[{i}]", child) for i, child in enumerate(schema[key])]
+        if isinstance(schema.get("items"), Mapping):
+            children.append((f"{where}.items", schema["items"]))
+        for path, child in children:
+            fault = _schema_fault(child, path)
+            if fault is not None:
+                return fault
+    if "Expected code to be unreachable" in reason:  # the SDK's words for a type it does not know
+        reason = f"unsupported type {schema.get('type')!r}" if isinstance(schema, Mapping) else reason
+    return where, reason
 
 
 def max_tokens(request: ChatRequest) -> int:
@@ -389,6 +445,7 @@ class AnthropicProvider(Provider):
     def check(self, request: ChatRequest) -> None:
         super().check(request)
         check_parameters(request)
+        check_schema(request)
 
     @staticmethod
     def _connector() -> AnthropicConnector:
