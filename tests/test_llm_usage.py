@@ -13,6 +13,7 @@ must be genai-prices' own figure for the same usage.
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -370,3 +371,28 @@ def test_a_hooks_answer_keeps_its_own_cost_and_the_fake_reports_usage(app):
         replay = get_llm().chat_stream(USER, model="openai/o4-mini")
         assert "".join(replay) == "from cache"
         assert replay.response.cost == Decimal("0")
+
+
+def test_a_hooks_answer_without_a_cost_is_not_priced(app):
+    class Cached(LLMHook):
+        def before_call(self, call: LLMCall) -> ChatResponse:
+            return ChatResponse("from cache", call.model, call.provider, 1117, 946)
+
+    with app.app_context():
+        get_llm().add_hook(Cached())
+        answer = get_llm().chat(USER, model="openai/o4-mini")
+        replay = get_llm().chat_stream(USER, model="openai/o4-mini")
+        assert "".join(replay) == "from cache"
+
+    assert (answer.cost, replay.response.cost) == (None, None)  # no provider was asked
+
+
+def test_a_pickled_response_keeps_its_cost(app, upstream):
+    upstream.script(CASES[0].path, CASES[0].body)
+    with app.app_context():
+        response = get_llm().chat(USER, model=CASES[0].address)
+
+    copy = pickle.loads(pickle.dumps(response))  # as a response cache would store it
+
+    assert copy.cost == response.cost == genai_prices_cost(CASES[0])
+    assert copy.pricing is None

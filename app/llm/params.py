@@ -166,8 +166,16 @@ VALIDATORS: dict[str, Any] = {
 
 
 def validate(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The generation parameters among ``options`` that are set, validated and normalised."""
-    return {name: check(options[name]) for name, check in VALIDATORS.items() if options.get(name) is not None}
+    """The generation parameters among ``options`` that are set, validated and normalised.
+
+    Walks the call's own keywords (usually none or two), not every parameter: it runs on
+    every call.
+    """
+    return {
+        name: VALIDATORS[name](value)
+        for name, value in options.items()
+        if value is not None and name in VALIDATORS
+    }
 
 
 __all__ = ["MAX_STOP_SEQUENCES", "RESERVED_BODY_KEYS", "VALIDATORS", "validate"]

@@ -183,8 +183,10 @@ def _finish_chat(call: LLMCall, response: ChatResponse, *, price: Price | None =
     assert isinstance(request, ChatRequest)
     if request.response_format is not None and not response.tool_calls and response.parsed is None:
         response.parsed = parse_structured(request.response_format, response.content, **request.context())
-    if response.cost is None and price is not None:  # a hook's answer may carry its own
-        response.cost = price(request.provider, request.model, response)
+    if price is not None and call.attempts and response.pricing is None:
+        # A provider's answer (a hook's answer made no attempt, and is not priced): its cost is
+        # worked out when first read (ChatResponse.cost).
+        response.pricing = partial(price, request.provider, request.model)
     return response
 
 

@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import fields
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from app.llm.errors import LLMError
@@ -217,9 +218,9 @@ class StreamRelay:
             raise
         response.latency_ms = self.call.latency_ms
         response.attempts = self.call.attempts
-        if response.cost is None and self.price is not None:
+        if self.price is not None and self.opened.preset is None:  # a hook's answer is not priced
             request = self.accumulator.request
-            response.cost = self.price(request.provider, request.model, response)
+            response.pricing = partial(self.price, request.provider, request.model)
         admission = self.opened.admission
         step = admission.end(None, self.accumulator.used_tokens()) if admission is not None else None
         if step is not None:

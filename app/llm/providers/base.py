@@ -164,9 +164,12 @@ class Provider(ABC):
     family: str = ""
 
     def unsupported_in(self, request: ChatRequest) -> list[str]:
-        """The parameters set on ``request`` that this adapter cannot send."""
+        """The parameters set on ``request`` that this adapter cannot send (in the table's order)."""
+        unsupported = self.unsupported_parameters
+        if not unsupported:
+            return []
         return [name for name in GENERATION_PARAMETERS
-                if name in self.unsupported_parameters and getattr(request, name) is not None]  # fmt: skip
+                if name in unsupported and getattr(request, name) is not None]  # fmt: skip
 
     def check(self, request: ChatRequest) -> None:
         """Refuse what this provider cannot take, before any request or policy step.
