@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from app.llm.errors import LLMBadRequestError, LLMResponseError
+from app.llm.types import check_texts
 
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _USAGE = "response_format must be a pydantic model class or a JSON schema dict"
@@ -50,6 +51,7 @@ def check_response_format(response_format: Any) -> None:
         raise LLMBadRequestError(
             f"{_USAGE}; the schema must describe an object, got type {schema.get('type')!r}", field=where
         )
+    check_texts(where, schema)  # no lone surrogates, which no provider can be sent
 
 
 def json_schema(response_format: Any) -> dict[str, Any]:

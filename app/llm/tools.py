@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from app.llm.errors import LLMBadRequestError
+from app.llm.types import check_texts
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def normalise_tools(tools: Sequence[Any] | None) -> list[ToolSpec]:
     specs = [_tool(index, tool) for index, tool in enumerate(tools)]
     seen: set[str] = set()
     for index, spec in enumerate(specs):
-        if not TOOL_NAME.match(spec.name):
+        if not TOOL_NAME.fullmatch(spec.name):
             raise LLMBadRequestError(
                 f"tools[{index}] has the name {spec.name!r}; a tool name is 1 to 64 letters, digits, _ or -",
                 field=_name_field(index, tools[index]),
@@ -96,6 +97,9 @@ def _tool(index: int, tool: Any) -> ToolSpec:
     if not isinstance(parameters, Mapping):
         at = f"{where}.function.parameters" if openai_form else f"{where}.parameters"
         raise LLMBadRequestError(f"{where}.parameters must be a JSON schema object", field=at)
+    at = f"{where}.function" if openai_form else where
+    check_texts(f"{at}.description", function.get("description") or "")
+    check_texts(f"{at}.parameters", parameters)
     return ToolSpec(function["name"], str(function.get("description") or ""), copy.deepcopy(dict(parameters)))
 
 
