@@ -44,11 +44,12 @@ GENERATION_PARAMETERS: tuple[str, ...] = (
 class ChatRequest:
     """One validated call for one model: everything an adapter sends, and nothing else.
 
-    Every parameter is a field (the response cache hashes them all), in the
-    validated, normalised form :mod:`app.llm.params` makes of the caller's
-    values. Fields are keywords with defaults, so a new one (a per-call
-    credential, which would be ``repr=False`` and marked as a secret in its
-    field metadata, kept out of any cache key) adds to it without reshaping it.
+    Every parameter is a field (:mod:`app.llm.canonical` walks them all for
+    cache keys and cassettes), in the validated, normalised form
+    :mod:`app.llm.params` makes of the caller's values. Fields are keywords
+    with defaults, so a new one adds to it without reshaping it: a per-call
+    ``api_key`` would be ``field(default=None, repr=False)``, and the canonical
+    form already keeps only a hash of a field of that name.
     """
 
     provider: str
