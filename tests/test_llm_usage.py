@@ -396,3 +396,18 @@ def test_a_pickled_response_keeps_its_cost(app, upstream):
 
     assert copy.cost == response.cost == genai_prices_cost(CASES[0])
     assert copy.pricing is None
+
+
+def test_inconsistent_usage_gives_no_cost_and_one_warning_not_an_error(app, upstream, caplog):
+    usage = {**OPENAI_COMPLETION["usage"], "prompt_tokens_details": {"cached_tokens": 5000}}  # > prompt
+    upstream.script(
+        CASES[0].path, {**OPENAI_COMPLETION, "usage": usage}, {**OPENAI_COMPLETION, "usage": usage}
+    )
+    with app.app_context():
+        first = get_llm().chat(USER, model=CASES[0].address)
+        second = get_llm().chat(USER, model=CASES[0].address)
+
+    assert (first.cost, second.cost) == (None, None)
+    assert first.content == "Suppose there were finitely many..."
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app.llm.catalogue"]
+    assert len(warnings) == 1 and warnings[0].startswith("no cost for openai/o4-mini")
