@@ -274,3 +274,45 @@ def test_create_api_key_returns_the_key_without_showing_it(keyed_app):
     key_id, secret = created
     assert secret not in repr(created)
     assert key_id == created.id == 1
+
+
+# --- as the README says: the key made by the CLI in a process of its own -----------------------
+
+
+@pytest.mark.slow
+def test_the_readmes_key_command_makes_a_key_the_app_takes(tmp_path):
+    import re
+    import secrets
+    import subprocess
+
+    from app.llm.testing import install_fake_llm
+    from tests.conftest import ROOT
+    from tests.readme import section
+    from tests.test_gunicorn import clean_env
+
+    (line,) = [ln for ln in section("Two commands").splitlines() if "api-keys create" in ln]
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    # What `make run` leaves behind: instance/config.py with a SECRET_KEY, and the migrated database.
+    (instance / "config.py").write_text(f"SECRET_KEY = {secrets.token_hex(32)!r}\n")
+    env = clean_env(tmp_path)
+    flask = str(ROOT / ".venv" / "bin" / "flask")
+    upgrade = subprocess.run(
+        [flask, "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=env, capture_output=True
+    )
+    assert upgrade.returncode == 0, upgrade.stderr.decode()
+
+    made = subprocess.run(
+        ["bash", "-c", f'{line}\necho "$KEY"'], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    assert re.fullmatch(r"fsk_[A-Za-z0-9_-]{43}", key)
+    assert "created API key 1 for 'me'" in made.stderr
+    app = create_app({"INSTANCE_PATH": str(instance), "DOTENV_PATH": str(tmp_path / "no.env")})
+    install_fake_llm(app, echo=True)
+    response = app.test_client().post(
+        "/api/chat", json={**CHAT, "model": "fake/m"}, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
