@@ -184,7 +184,7 @@ def stream_body(model: str = "openai/m") -> dict[str, Any]:
 # --- long streams and hung upstreams -------------------------------------------------------
 
 
-def test_a_stream_that_keeps_delivering_outlives_the_worker_timeout(fresh, record_property):
+def test_a_stream_that_keeps_delivering_is_never_cut_by_the_worker_timeout(fresh, record_property):
     fresh.upstream.script(CHAT_PATH, trickle(LONG_DELTAS, LONG_GAP))
     started = time.monotonic()
 
@@ -197,7 +197,8 @@ def test_a_stream_that_keeps_delivering_outlives_the_worker_timeout(fresh, recor
     elapsed = time.monotonic() - started
 
     assert [name for name, _ in events] == ["delta"] * LONG_DELTAS + ["done"], events[-3:]
-    assert elapsed > WORKER_TIMEOUT  # the stream did last longer than the worker timeout
+    assert elapsed > LONG_DELTAS * LONG_GAP * 0.95  # it did last that long ...
+    assert FULL or elapsed > WORKER_TIMEOUT  # ... and (short scale) longer than the worker timeout
     assert fresh.upstream.only_request().outcome == "complete"
     assert "WORKER TIMEOUT" not in fresh.server.output()
     record_property("long_stream_seconds", round(elapsed, 2))
