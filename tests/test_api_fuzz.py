@@ -41,6 +41,11 @@ from tests.payloads import (
     anthropic_sse,
     anthropic_text_block,
     chat_completion,
+    gemini_embeddings,
+    gemini_reply,
+    gemini_sse,
+    gemini_text,
+    gemini_text_chunk,
     openai_text_events,
 )
 from tests.servers import Recorded, Reply, ScriptedServer, free_port
@@ -60,7 +65,8 @@ FUZZ = settings(
 
 
 def _wants_json(body: dict[str, Any]) -> bool:
-    return "response_format" in body or "output_config" in body
+    config = body.get("generationConfig") or {}
+    return "response_format" in body or "output_config" in body or "responseMimeType" in config
 
 
 def _vector(index: int, base64_format: bool) -> Any:
@@ -85,6 +91,13 @@ def valid_answer(request: Recorded) -> Reply:
                 for i in range(len(inputs))]  # fmt: skip
         usage = {"prompt_tokens": 1, "total_tokens": 1}
         return Reply(body={"object": "list", "data": data, "model": body.get("model"), "usage": usage})
+    if request.path.endswith(":generateContent"):
+        return Reply(body=gemini_reply(gemini_text(text)))
+    if request.path.endswith(":streamGenerateContent"):
+        return Reply.stream([gemini_sse(gemini_text_chunk(text), gemini_reply(gemini_text("")))])
+    if request.path.endswith(":batchEmbedContents"):
+        return Reply(body=gemini_embeddings(*([0.5, 0.25]
+                                              for _ in body.get("requests", []))))  # fmt: skip
     if request.path.endswith("/messages"):
         if body.get("stream"):
             events = [anthropic_message_start(), *anthropic_text_block(0, text), *anthropic_message_end()]
@@ -110,6 +123,8 @@ def upstream_settings(upstream: ScriptedServer) -> dict[str, str]:
         "OPENAI_MAX_RETRIES": "0",
         "ANTHROPIC_API_KEY": "sk-ant-" + "x" * 24,
         "ANTHROPIC_BASE_URL": upstream.base_url,
+        "GEMINI_API_KEY": "AIza-" + "x" * 30,
+        "GENAI_BASE_URL": upstream.base_url,
         "LLM_MAX_RETRIES": "0",
     }
 
@@ -155,7 +170,15 @@ def _same(value: Any) -> Any:
 models = maybe(
     sometimes(
         st.sampled_from(["", "nope/m", "openai/", "/m", "fake"]),
-        st.sampled_from(["openai/gpt-4o-mini", "anthropic/claude-sonnet-4-6", "gpt-4o", "anthropic/m"]),
+        st.sampled_from(
+            [
+                "openai/gpt-4o-mini",
+                "anthropic/claude-sonnet-4-6",
+                "gpt-4o",
+                "anthropic/m",
+                "gemini/gemini-2.5-flash",
+            ]
+        ),
     )
 )
 roles = maybe(
@@ -227,7 +250,8 @@ chat_bodies = st.fixed_dictionaries(
     },
 )  # fmt: skip
 embedding_bodies = st.fixed_dictionaries(
-    {"model": maybe(st.sampled_from(["openai/text-embedding-3-small", "text-embedding-3-small"])) | models,
+    {"model": maybe(st.sampled_from(["openai/text-embedding-3-small", "text-embedding-3-small",
+                                     "gemini/gemini-embedding-001"])) | models,
      "input": maybe(texts | st.lists(texts, min_size=1, max_size=4))},
     optional={"profile": st.sampled_from(["default", "nope"]) | json_values, "user": json_values},
 )  # fmt: skip
@@ -367,5 +391,10 @@ def test_no_body_gets_a_server_error_through_the_test_client_and_gunicorn(
         finally:
             http_transport.close()
         output = server.output()
-    assert healthy_upstream.requests  # the valid bodies reached the upstream
+    # Valid bodies reached every provider's upstream, for chat and embeddings, and streams too.
+    reached = {request.path.rpartition("/")[2].partition(":")[2] or request.path.rpartition("/")[2]
+               for request in healthy_upstream.requests}  # fmt: skip
+    expected = {"completions", "embeddings", "messages", "generateContent", "batchEmbedContents"}
+    assert expected <= reached, reached
+    assert any(request.json.get("stream") for request in healthy_upstream.requests if request.json)
     assert "Traceback" not in output, output[-3000:]
