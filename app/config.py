@@ -115,6 +115,15 @@ DEFAULTS: dict[str, Any] = {
     "API_MAX_PROMPT_CHARS": 1_000_000,
     "LLM_MAX_TOKENS_LIMIT": 8192,
     "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
+    # Background jobs and media (app.jobs, app.media, app.llm.media document each).
+    "JOBS_QUEUE": "media",
+    "JOBS_THREADS": 2,
+    "JOBS_POLL_INTERVAL": 10.0,
+    "JOBS_POLL_TIMEOUT": 1800.0,
+    "JOBS_LEASE": 30.0,
+    "JOBS_RECOVERY_INTERVAL": 10.0,
+    "MEDIA_STORAGE_URL": None,
+    "LLM_MEDIA_PRICES": None,
 }
 
 #: Keys with these prefixes are the app's: an unknown one is a mistake (see the module docstring).
