@@ -1,0 +1,71 @@
+"""Single flight in one process: identical calls at once make one request, the others wait for it.
+
+The first call of a key leads: it calls the provider. Others of the same key
+join its flight and wait (at most the cache's ``LLM_CACHE_WAIT``) for the
+entry it lands; when it lands none (it failed, or was cancelled), or takes
+too long, each calls for itself. ``threading`` primitives, so the same code
+serves threads and, under gevent's monkey-patching (the gevent worker
+patches before the app loads), greenlets; an async call waits in a worker
+thread (the hook's async twins), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+from app.connectors._base import on_fork_in_child
+
+
+class Flight:
+    """One key's call in flight: ``done`` is set when it lands, ``entry`` is what it answered, or None."""
+
+    __slots__ = ("__weakref__", "done", "entry")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.entry: bytes | None = None
+
+
+class Flights:
+    def __init__(self) -> None:
+        self._reset()
+        _live.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[str, Flight] = {}
+
+    def join(self, key: str) -> tuple[Flight, bool]:
+        """The flight of ``key``, and whether this call leads it (the first one does)."""
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                return flight, False
+            flight = self._flights[key] = Flight()
+            return flight, True
+
+    def land(self, key: str, flight: Flight, entry: bytes | None) -> None:
+        """The leader is done: wake the waiters (``entry`` None: each calls for itself)."""
+        flight.entry = entry
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.done.set()
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+
+_live: weakref.WeakSet[Flights] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's flights (and a lock another thread may have held at fork) are not this process's.
+    for flights in list(_live):
+        flights._reset()
+
+
+on_fork_in_child(_after_fork_in_child)
+
+__all__ = ["Flight", "Flights"]

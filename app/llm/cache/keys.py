@@ -1,0 +1,138 @@
+"""The cache key: SHA-256 of the canonical JSON of the normalised request and its scope.
+
+The key *is* :func:`app.llm.canonical.request_key` (the form cassettes match
+on, with its ``FORM_VERSION``; secrets hashed, image bytes hashed); a test
+checks that the two agree on requests of every shape. It is computed here
+with the same rules in about a third of the time, because a hit pays for it
+on every call and the generic walk (``dataclasses.fields`` and an
+``isinstance`` ladder per value, then a ``sort_keys`` encoding) costs more
+than the whole rest of a memory hit. What differs is only how: each
+dataclass type's fields are sorted once, dicts are built in sorted order (so
+the encoder needs no ``sort_keys``), and one encoder object is reused.
+
+The scope is what is not in the request but must separate answers: the
+tenant, the provider's endpoint (its base URL, credentials masked), and the
+kind of call (a stream's entry keeps its deltas; a chat's does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from app.llm.canonical import FORM_VERSION, NOT_PART_OF_THE_QUESTION, SECRET_FIELDS, canonical, digest
+
+#: The generic encoding, for the rare values :func:`encode` hands to canonical(): keys sorted, no
+#: spaces, no NaN (the rules of ``app.llm.canonical.dumps``), one encoder object reused.
+_encode_sorted = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
+).encode
+#: A JSON string literal, as the encoder writes one (``ensure_ascii=False``).
+_string: Callable[[str], str] = json.encoder.encode_basestring
+
+#: How a dataclass type is written: per key, in sorted order (``__type__`` among them), the text
+#: before its value (``{"name":`` or ``,"name":``), the field (None: the text holds the type's
+#: name already) and whether it is a secret.
+_Plan = tuple[tuple[str, str | None, bool], ...]
+_plans: dict[type, _Plan] = {}
+#: A pydantic model class's canonical text: its JSON schema is costly to build and never changes.
+_model_texts: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+
+_TYPE = "__type__"
+
+
+def cache_key(request: Any, **scope: Any) -> str:
+    """``request_key(request, **scope)``: the hex SHA-256 of the canonical JSON of both."""
+    text = f'{{"request":{encode(request)},"scope":{encode(scope)},"v":{FORM_VERSION}}}'
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def encode(value: Any) -> str:
+    """``dumps(canonical(value))``, written directly for the types a request is made of."""
+    kind = type(value)
+    if kind is str:
+        return _string(value)
+    if value is None:
+        return "null"
+    plan = _plans.get(kind)
+    if plan is not None:
+        return _dataclass(value, plan)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        return float.__repr__(value) if math.isfinite(value) else _string(repr(value))
+    if kind is list or kind is tuple:
+        return "[" + ",".join([encode(item) for item in value]) + "]"
+    if kind is dict:
+        items = {str(key): item for key, item in value.items()}  # canonical()'s keys: str(key)
+        return "{" + ",".join([f"{_string(key)}:{encode(items[key])}" for key in sorted(items)]) + "}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _dataclass(value, _plan(kind))
+    if isinstance(value, type) and hasattr(value, "model_json_schema"):  # a pydantic model class
+        text = _model_texts.get(value)
+        if text is None:
+            text = _model_texts[value] = _encode_sorted(canonical(value))
+        return text
+    return _encode_sorted(canonical(value))  # bytes, sets, pydantic instances...: the generic rules
+
+
+def _plan(kind: type) -> _Plan:
+    names = [f.name for f in dataclasses.fields(kind) if f.name not in NOT_PART_OF_THE_QUESTION]
+    plan: list[tuple[str, str | None, bool]] = []
+    for index, name in enumerate(sorted([*names, _TYPE])):
+        text = ("{" if index == 0 else ",") + _string(name) + ":"
+        if name == _TYPE:
+            plan.append((text + _string(kind.__name__), None, False))  # a constant: the type's name
+        else:
+            plan.append((text, name, name in SECRET_FIELDS))
+    _plans[kind] = tuple(plan)
+    return _plans[kind]
+
+
+def _dataclass(value: Any, plan: _Plan) -> str:
+    parts = []
+    for text, name, secret in plan:
+        parts.append(text)
+        if name is not None:
+            item = getattr(value, name)
+            if secret and item is not None:  # kept as its hash, as canonical() keeps it
+                item = digest(_reveal(item))
+            parts.append("null" if item is None else encode(item))
+    parts.append("}")
+    return "".join(parts)
+
+
+def _reveal(value: Any) -> str:
+    reveal = getattr(value, "reveal", None)
+    return str(reveal() if callable(reveal) else value)
+
+
+def endpoints(extensions: Mapping[str, Any]) -> dict[str, str | None]:
+    """Provider name -> the base URL its calls go to (credentials masked), from the connectors.
+
+    ``openai`` is the OpenAI connector's ``default`` profile; every other profile, ``gemini``
+    and ``anthropic`` are under their own names. A provider not listed (a registered custom
+    one, the test kit's fake) has no endpoint in its key.
+    """
+    from app.connectors._base import Connector
+
+    found: dict[str, str | None] = {}
+    for extension in extensions.values():
+        if not isinstance(extension, Connector):
+            continue
+        for name, info in extension.info().items():
+            if extension.extension_key == "openai_service" and name == "default":
+                name = "openai"  # noqa: PLW2901
+            endpoint = info.get("endpoint")
+            found[name] = str(endpoint) if endpoint is not None else None
+    return found
+
+
+__all__ = ["cache_key", "encode", "endpoints"]
