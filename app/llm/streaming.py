@@ -104,6 +104,7 @@ class StreamAccumulator:
             cached_input_tokens=end.cached_input_tokens,
             cache_write_tokens=end.cache_write_tokens,
             response_id=end.response_id,
+            deltas=list(self.text),
         )
         if request.response_format is not None and not tool_calls and not partial:
             response.parsed = parse_structured(request.response_format, content, **context)
@@ -125,8 +126,9 @@ def _merged(end: StreamEnd, event: StreamEnd) -> StreamEnd:
 
 
 def response_events(response: ChatResponse) -> list[StreamEvent]:
-    """A finished answer as the events of a stream (a hook's answer, replayed)."""
-    events: list[StreamEvent] = [TextDelta(response.content)] if response.content else []
+    """A finished answer as the events of a stream (a hook's answer, replayed: its deltas as they came)."""
+    deltas = response.deltas if response.deltas is not None else [response.content or ""]
+    events: list[StreamEvent] = [TextDelta(text) for text in deltas if text]
     events += [
         ToolCallDelta(index, id=call.id, name=call.name, arguments=json.dumps(call.arguments))
         for index, call in enumerate(response.tool_calls)

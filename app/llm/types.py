@@ -120,6 +120,11 @@ class ChatResponse:
     cost: _Cost = _Cost()
     #: How ``cost`` is worked out (the layer sets it for answers a provider gave).
     pricing: Callable[[ChatResponse], Decimal | None] | None = field(default=None, repr=False, compare=False)
+    #: Answered by the response cache (app.llm.cache): no provider was asked, and the usage above
+    #: is the original answer's (a usage ledger bills a hit at zero).
+    cached: bool = False
+    #: A stream's text deltas, in order (the cache replays them as they came); None for a call.
+    deltas: list[str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def has_tool_calls(self) -> bool:

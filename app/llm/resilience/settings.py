@@ -68,11 +68,19 @@ class BulkheadPolicy:
 
 
 @dataclass(frozen=True)
+class CachePolicy:
+    #: The response cache (app.llm.cache) for these calls: None (on when LLM_CACHE is set), False
+    #: (off), True (on), or seconds to keep an answer. A call's own ``cache=`` comes first.
+    enabled: bool | float | None = None
+
+
+@dataclass(frozen=True)
 class ProviderPolicy:
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
     limits: LimitPolicy = LimitPolicy()
     bulkhead: BulkheadPolicy = BulkheadPolicy()
+    cache: CachePolicy = CachePolicy()
 
 
 #: Config key -> (section, field).
@@ -101,6 +109,10 @@ DEFAULTS: dict[str, Any] = {
 def _parse(key: str, field_name: str, value: Any) -> Any:
     if value is None or value == "":
         return None
+    if field_name == "enabled":  # LLM_POLICY's "cache": true, false or seconds
+        from app.llm.cache.settings import policy_option
+
+        return policy_option(value, key)
     if field_name in ("max_retries", "min_calls", "half_open_calls", "max_concurrency", "rpm", "tpm"):
         count = parse_count(value, key)
         if field_name in ("half_open_calls", "max_concurrency", "rpm", "tpm", "min_calls") and count < 1:
@@ -141,6 +153,7 @@ _OVERRIDE_FIELDS = {
     "tpm": ("limits", "tpm"),
     "rate_limit_max_wait": ("limits", "max_wait"),
     "bulkhead_max_wait": ("bulkhead", "max_wait"),
+    "cache": ("cache", "enabled"),
 }
 
 
