@@ -288,3 +288,55 @@ def test_a_schema_anthropic_cannot_take_is_a_400_naming_it(bounded_app, upstream
     error = assert_refused(post(bounded_app, "/api/chat", body), upstream, field)
     assert error["type"] == "invalid_request"
     assert error["provider"] == "anthropic"
+
+
+# --- shapes the fuzz test found or the issue names, kept as fixed cases --------------------------
+
+TOOLS = [{"name": "get_weather", "parameters": {"type": "object"}}]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": None}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": ["get_weather"]}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"function": "get_weather"}}, "tool_choice"),
+        ({"tools": [{"name": "get_weather\n"}]}, "tools[0].name"),
+        ({"tools": [{"name": "f", "description": "\ud800"}]}, "tools[0].description"),
+    ],
+)
+def test_tool_shapes_are_a_400_naming_the_field(bounded_app, upstream, extra, field):
+    body = json.dumps({"model": "openai/m", "messages": MESSAGES, **extra})
+
+    assert_refused(post(bounded_app, "/api/chat", body), upstream, field)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [("[" * 5000, "levels deep"), ('{"a": NaN}', "not valid JSON"), ("{oops", "not valid JSON"),
+     ('{"a": 1' + "0" * 5000 + "}", "not valid JSON"), ('{"\\ud800": 1}', "surrogate")],
+)  # fmt: skip
+def test_tool_call_arguments_that_are_not_plain_json_are_a_400(bounded_app, upstream, arguments, words):
+    call = {"id": "c1", "function": {"name": "f", "arguments": arguments}}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]
+
+    response = post(bounded_app, "/api/chat", {"model": "openai/m", "messages": messages})
+
+    error = assert_refused(response, upstream, response.json["error"].get("field", ""), 400, words)
+    assert error["field"].startswith("messages[1].tool_calls[0].function")
+
+
+@pytest.mark.parametrize("url", ["data:image/png;base64,abc", "data:,x", "data:image/png,notbase64"])
+def test_a_data_url_that_is_not_base64_is_a_400(bounded_app, upstream, url):
+    messages = [{"role": "user", "content": [{"type": "image", "url": url}]}]
+
+    for model in ("openai/m", "anthropic/claude-sonnet-4-6"):
+        body = {"model": model, "messages": messages}
+        assert_refused(post(bounded_app, "/api/chat", body), upstream, "messages[0].content[0].url")
+
+
+def test_an_image_anthropic_cannot_fetch_is_a_400_naming_it(bounded_app, upstream):
+    messages = [{"role": "user", "content": [{"type": "image", "url": "ftp://example.com/a.png"}]}]
+    body = {"model": "anthropic/claude-sonnet-4-6", "messages": messages}
+
+    assert_refused(post(bounded_app, "/api/chat", body), upstream, "messages[0].content[0].url", 400, "http")

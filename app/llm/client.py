@@ -39,6 +39,7 @@ from app.llm.types import ChatResponse, normalise_messages
 if TYPE_CHECKING:
     from redis import Redis
 
+    from app.llm.media import ImageResponse, MediaCalls
     from app.llm.ollama import OllamaManager
     from app.llm.pipeline import Build, Pipeline
     from app.llm.resilience.executor import Guards
@@ -464,6 +465,31 @@ class LLM:
             return adapter.list_models()
         except Exception as exc:
             raise self._map_error(adapter, lambda: {"provider": provider, "model": None}, exc) from exc
+
+    # --- media (app.llm.media): images at once, video as a job (app.jobs) ----------
+
+    @property
+    def media(self) -> MediaCalls:
+        """The media calls of this app, on the same pipeline (built on first use)."""
+        media = self.__dict__.get("_media")
+        if media is None:
+            from app.llm.media import MediaCalls
+
+            app = self._app()
+            prices = app.config.get("LLM_MEDIA_PRICES") if app is not None else None
+            media = self.__dict__["_media"] = MediaCalls(self, prices)
+        return media  # type: ignore[no-any-return]
+
+    def generate_image(self, prompt: str, model: str | None = None, **options: Any) -> ImageResponse:
+        """Images now: ``n``, ``size`` or ``aspect_ratio``, ``negative_prompt``, ``seed``, ``user``, ``tenant``."""
+        return self.media.generate_image(prompt, model or self.default_model, **options)
+
+    def generate_video(self, prompt: str | None = None, model: str | None = None, **options: Any) -> str:
+        """Always a job (app.jobs): its id. ``image``, ``duration_seconds``, ``aspect_ratio``,
+        ``resolution``, ``negative_prompt``, ``seed``, ``user``, ``tenant``."""
+        from app.jobs import create_video_job
+
+        return create_video_job(prompt, model or self.default_model, **options).id
 
     @property
     def ollama(self) -> OllamaManager:

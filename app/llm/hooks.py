@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 call_logger = logging.getLogger("app.llm.calls")
 
-CallKind = Literal["chat", "stream", "embed"]
+CallKind = Literal["chat", "stream", "embed", "image", "video"]  # image, video: app.llm.media
 
 
 @dataclass

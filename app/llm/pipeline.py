@@ -91,6 +91,42 @@ class Pipeline:
             raise
         return StreamRelay(call, self.hooks, opened, typed, _close_step, price=self._price)
 
+    def media(
+        self,
+        call: LLMCall,
+        build: Build,
+        send: Send,
+        *,
+        settle: bool = True,
+        finish: Callable[[LLMCall, Any], Any] | None = None,
+        typed: Callable[[Callable[[BaseException], LLMError]], Callable[[BaseException], LLMError]] | None = None,
+    ) -> Flow[Any]:
+        """An image call, or a video's submit (``settle=False``: its end is reported by :meth:`settle`,
+        when the job ends). ``finish`` completes a provider's answer (latency, attempts); ``typed``
+        wraps the error mapping (a submit whose outcome is unknown is not repeated)."""
+        policy = self._through_policy(call, send, usage=lambda _answer: None, tokens=lambda: 0)
+        attempt = policy if typed is None else lambda p, r, t: policy(p, r, typed(t))
+        try:
+            answer = yield from self.hooks.before(call)
+            if answer is None:
+                _provider, _request, answer = yield from self._chain(
+                    call, [f"{call.provider}/{call.model}"], build, attempt
+                )
+                answer = finish(call, answer) if finish is not None else answer
+        except LLMError as error:
+            yield from self.hooks.error(call, error)
+            raise
+        if settle:
+            yield from self.hooks.after(call, answer)
+        return answer
+
+    def settle(self, call: LLMCall, outcome: Any) -> Flow[None]:
+        """How a call reported apart from its request ended (a video job): after_call, or on_error."""
+        if isinstance(outcome, LLMError):
+            yield from self.hooks.error(call, outcome)
+        else:
+            yield from self.hooks.after(call, outcome)
+
     # --- shared ----------------------------------------------------------------------
 
     def _through_policy(self, call: LLMCall, send: Send, **options: Any) -> Attempt_:
