@@ -80,6 +80,7 @@ def _relay(opener: Callable[[], ChatStream], aopener: Callable[[], Any] | None, 
         # The loop's task is the one thing a watcher can stop at once under gthread: used
         # when there is a client to watch (gunicorn), and the stream is not open already.
         on_loop=sock is not None and aopener is not None,
+        crashed=lambda exc: items.put(("failed", exc)),
     )
 
     def gone() -> None:  # in the watcher: must not block

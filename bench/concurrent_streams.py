@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -214,6 +215,10 @@ async def serve_gateway(port: int, upstream: str) -> None:
 # --- the clients ------------------------------------------------------------------------------
 
 
+#: The first text delta in OpenAI's own stream format (the upstream, LiteLLM), compact or not.
+FIRST_WORD = re.compile(rb'"content": ?"word')
+
+
 @dataclass
 class Outcome:
     ok: bool
@@ -247,7 +252,7 @@ async def stream_once(port: int, path: str, body: bytes, timeout: float, headers
                 status = seen.split(b"\r\n", 1)[0].decode(errors="replace")
                 return Outcome(False, ttfb, error=f"closed ({status})")
             seen = seen[-64:] + piece if ttfb is not None else seen + piece
-            if ttfb is None and (b"event: delta" in seen or b'"content": "word' in seen):
+            if ttfb is None and (b"event: delta" in seen or FIRST_WORD.search(seen)):
                 ttfb = time.perf_counter() - started
                 if not seen.startswith(b"HTTP/1.1 200"):
                     return Outcome(False, error=seen.split(b"\r\n", 1)[0].decode())
@@ -460,13 +465,22 @@ async def run_gunicorn_row(
 
 
 async def run_peer_row(
-    name: str, args: list[str], port: int, path: str, body: bytes, clients: int, timeout: float, tmp: Path
+    name: str,
+    args: list[str],
+    port: int,
+    path: str,
+    body: bytes,
+    clients: int,
+    timeout: float,
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    headers: str = "",
 ) -> Row:
-    process = spawn(args, log=tmp / f"{name.split(maxsplit=1)[0]}.log")
+    process = spawn(args, env, log=tmp / f"{name.split(maxsplit=1)[0]}.log")
     try:
         await wait_for_port(port, 120)
         await asyncio.sleep(0.5)
-        return await measure_server(name, port, path, body, clients, timeout, [process.pid])
+        return await measure_server(name, port, path, body, clients, timeout, [process.pid], headers=headers)
     finally:
         stop(process)
 
@@ -515,6 +529,7 @@ async def run_litellm_row(
     litellm: str, upstream_port: int, model: str, clients: int, timeout: float, tmp: Path
 ) -> dict[str, Any]:
     port = free_port()
+    master_key = "sk-bench-" + secrets.token_hex(16)
     config = tmp / "litellm.yaml"
     config.write_text(
         "model_list:\n"
@@ -531,6 +546,10 @@ async def run_litellm_row(
         "LiteLLM proxy (1 worker)",
         [litellm, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
         port, "/v1/chat/completions", body, clients, timeout, tmp,
+        # Everything on this machine: the bundled model cost map, no telemetry; a master key it requires.
+        {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
+         "LITELLM_MASTER_KEY": master_key},
+        f"Authorization: Bearer {master_key}\r\n",
     )  # fmt: skip
     return row.summary()
 

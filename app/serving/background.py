@@ -60,22 +60,29 @@ SyncWork = Callable[[Cancelled], None]
 AsyncWork = Callable[[], Awaitable[None]]
 
 
-def run_apart(sync_work: SyncWork, async_work: AsyncWork, *, on_loop: bool) -> Running:
-    """Start the work: in a greenlet under gevent, on the loop when ``on_loop``, else in a thread."""
+Crashed = Callable[[Exception], None]
+
+
+def run_apart(sync_work: SyncWork, async_work: AsyncWork, *, on_loop: bool, crashed: Crashed) -> Running:
+    """Start the work: in a greenlet under gevent, on the loop when ``on_loop``, else in a thread.
+
+    ``crashed(exc)`` is told of an exception that escaped the work (or entering its context),
+    so that whoever waits for the work's results is not left waiting; stopping it is no crash.
+    """
     ctx = request_ctx.copy()
     if gevent_patched():
-        return _GreenletRun(ctx, sync_work)
+        return _GreenletRun(ctx, sync_work, crashed)
     if on_loop:
-        return _LoopRun(ctx, async_work)
-    return _ThreadRun(ctx, sync_work)
+        return _LoopRun(ctx, async_work, crashed)
+    return _ThreadRun(ctx, sync_work, crashed)
 
 
 class _GreenletRun:
-    def __init__(self, ctx: Any, work: SyncWork) -> None:
+    def __init__(self, ctx: Any, work: SyncWork, crashed: Crashed) -> None:
         import gevent
 
         self._cancelled = Cancelled()
-        self._greenlet = gevent.spawn(_in_context, ctx, work, self._cancelled)
+        self._greenlet = gevent.spawn(_in_context, ctx, work, self._cancelled, crashed)
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -83,10 +90,10 @@ class _GreenletRun:
 
 
 class _ThreadRun:
-    def __init__(self, ctx: Any, work: SyncWork) -> None:
+    def __init__(self, ctx: Any, work: SyncWork, crashed: Crashed) -> None:
         self._cancelled = Cancelled()
         threading.Thread(
-            target=_in_context, args=(ctx, work, self._cancelled), name="llm-stream", daemon=True
+            target=_in_context, args=(ctx, work, self._cancelled, crashed), name="llm-stream", daemon=True
         ).start()
 
     def cancel(self) -> None:
@@ -94,30 +101,32 @@ class _ThreadRun:
 
 
 class _LoopRun:
-    def __init__(self, ctx: Any, work: AsyncWork) -> None:
-        self._future = _loop().submit(_ain_context(ctx, work))
+    def __init__(self, ctx: Any, work: AsyncWork, crashed: Crashed) -> None:
+        self._future = _loop().submit(_ain_context(ctx, work, crashed))
 
     def cancel(self) -> None:
         self._future.cancel()  # thread-safe: the task is cancelled on its loop
 
 
-def _in_context(ctx: Any, work: SyncWork, cancelled: Cancelled) -> None:
+def _in_context(ctx: Any, work: SyncWork, cancelled: Cancelled, crashed: Crashed) -> None:
     try:
         with ctx:
             work(cancelled)
     except BaseException as exc:  # a killed greenlet's GreenletExit ends here, silently
         if isinstance(exc, Exception):
             logger.exception("work apart from its request failed")
+            crashed(exc)
 
 
-async def _ain_context(ctx: Any, work: AsyncWork) -> None:
+async def _ain_context(ctx: Any, work: AsyncWork, crashed: Crashed) -> None:
     try:
         with ctx:
             await work()
     except asyncio.CancelledError:
         pass
-    except Exception:
+    except Exception as exc:
         logger.exception("work apart from its request failed")
+        crashed(exc)
 
 
 class _LoopThread:
