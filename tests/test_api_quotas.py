@@ -19,7 +19,7 @@ import pytest
 from app.llm import LLMRateLimitError
 from app.llm.testing import install_fake_llm
 from tests.conftest import CANARY_KEY, api_key_for_env, api_key_headers
-from tests.servers import ScriptedServer, free_port
+from tests.servers import Recorded, Reply, ScriptedServer, default_responder, free_port
 from tests.test_gunicorn import clean_env, run_gunicorn, wait_until_listening
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
@@ -200,13 +200,21 @@ def test_two_keys_from_two_addresses_have_separate_quotas_across_two_workers(
     )
     alice = api_key_for_env(env, "alice", rpm=quota)
     bob = api_key_for_env(env, "bob", rpm=quota)
+
+    def slowly(request: Recorded) -> Reply:
+        time.sleep(0.05)  # so that concurrent requests spread over both workers
+        return default_responder(request)
+
+    upstream.responder = slowly
     with run_gunicorn(env, "-w", "2", "tests.resilience_app:app", log=tmp_path / "g.log") as server:
         wait_until_listening(server)
         answers: dict[str, list[tuple[int, int]]] = {"alice": [], "bob": []}
         with ThreadPoolExecutor(max_workers=4) as pool:
-            for _ in range(6):  # 24 requests per key, 4 at a time: both workers serve each key
+            for _ in range(10):  # 4 at a time per key, until both workers served each key (bounded)
                 for name, address, headers in (("alice", "127.0.0.1", alice), ("bob", "127.0.0.2", bob)):
                     answers[name] += pool.map(lambda _: _post_from(address, server.port, headers), range(4))
+                if all(len(got) > quota and len({pid for _, pid in got}) == 2 for got in answers.values()):
+                    break
         output = server.output()
 
     for name, got in answers.items():
