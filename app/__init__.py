@@ -48,6 +48,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_secret(app.config.get("SECRET_KEY"))
 
     init_services(app)
+    import_module("app.jobs").init_app(app)  # jobs, media storage, `flask jobs`
 
     from app import llm
 

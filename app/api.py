@@ -407,3 +407,6 @@ def _message(exc: LLMError, kind: str) -> str:
     # An error the layer could not classify: the provider's answer broke the adapter.
     current_app.logger.warning("unclassified LLM error: %s", exc)
     return f"{where} sent a response that could not be read"
+
+
+from app.jobs import api as _jobs_api  # noqa: E402, F401  (/api/images, /api/videos, /api/jobs, /api/media)

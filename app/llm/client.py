@@ -478,7 +478,7 @@ class LLM:
             app = self._app()
             prices = app.config.get("LLM_MEDIA_PRICES") if app is not None else None
             media = self.__dict__["_media"] = MediaCalls(self, prices)
-        return media  # type: ignore[no-any-return]
+        return media
 
     def generate_image(self, prompt: str, model: str | None = None, **options: Any) -> ImageResponse:
         """Images now: ``n``, ``size`` or ``aspect_ratio``, ``negative_prompt``, ``seed``, ``user``, ``tenant``."""
@@ -489,7 +489,7 @@ class LLM:
         ``resolution``, ``negative_prompt``, ``seed``, ``user``, ``tenant``."""
         from app.jobs import create_video_job
 
-        return create_video_job(prompt, model or self.default_model, **options).id
+        return str(create_video_job(prompt, model or self.default_model, **options).id)
 
     @property
     def ollama(self) -> OllamaManager:
