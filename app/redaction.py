@@ -27,6 +27,8 @@ import contextlib
 import logging
 import re
 import threading
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 
@@ -157,13 +159,28 @@ class _SecretRegistry:
             self._values = tuple(sorted(values, key=len, reverse=True))
 
     def redact(self, text: str) -> str:
-        for value in self._values:
+        here = _masked_here.get()
+        for value in here + self._values if here else self._values:
             if value in text:
                 text = text.replace(value, MASK)
         return _mask_url_passwords(text)
 
 
 secrets = _SecretRegistry()
+
+#: Secrets of the work at hand (a caller's own API key), masked like registered ones while it runs.
+_masked_here: ContextVar[tuple[str, ...]] = ContextVar("masked_here", default=())
+
+
+@contextlib.contextmanager
+def masking(*values: str) -> Iterator[None]:
+    """Mask ``values`` too, in this context only: a per-call key is not registered process-wide
+    (there may be one per tenant), yet nothing it reaches (an error, a log record) may show it."""
+    token = _masked_here.set((*_masked_here.get(), *(value for value in values if value)))
+    try:
+        yield
+    finally:
+        _masked_here.reset(token)
 
 
 def register_secret(value: str | Secret | None) -> None:

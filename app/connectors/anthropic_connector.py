@@ -4,18 +4,21 @@ Same contract as the other connectors: validated at start, the client built
 on first use once per app and per process, 60 s read / 5 s connect by
 default (the SDK's is 600 s). Async clients are built once per event loop
 (an ``AsyncAnthropic`` pool belongs to the loop that opened its
-connections), forgotten in a forked child and closed by a reset.
+connections), forgotten in a forked child and closed by a reset. Calls with a
+key of their own (``api_key=`` of the LLM layer) copy :meth:`AnthropicConnector.keyed_client`:
+the client above, or without ``ANTHROPIC_API_KEY`` one that only ever sends per-call keys.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from app.config import check_http_url, get_count, get_seconds, get_str
 from app.connectors._base import (
+    LazyClient,
     LoopBoundClients,
     SingleClientConnector,
     current_connector,
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
 
 EXTENSION_KEY = "anthropic_service"
 DEFAULT_ENDPOINT = "https://api.anthropic.com"
+#: The key of a client that only ever sends per-call keys (no ANTHROPIC_API_KEY configured).
+PER_CALL_KEYS_ONLY = "per-call-keys-only"
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +112,28 @@ class AnthropicConnector(SingleClientConnector[AnthropicSettings, "Anthropic"]):
         self._async: LoopBoundClients[AsyncAnthropic] = LoopBoundClients(
             lambda: build_async_anthropic_client(self.settings)
         )
+        # Without a key of the platform's: clients for per-call keys only, built on first use.
+        self._keyed: LazyClient[Anthropic] = LazyClient(
+            lambda: build_anthropic_client(self._per_call_settings()), close_anthropic_client
+        )
+        self._keyed_async: LoopBoundClients[AsyncAnthropic] = LoopBoundClients(
+            lambda: build_async_anthropic_client(self._per_call_settings())
+        )
+
+    def _per_call_settings(self) -> AnthropicSettings:
+        return replace(self.settings, api_key=Secret(PER_CALL_KEYS_ONLY))
 
     def async_client(self) -> AsyncAnthropic:
         """The async client of the running event loop, built on first use in that loop."""
         return self._async.get()
+
+    def keyed_client(self) -> Anthropic:
+        """What a call with its own key copies: the client above, whose pool it then shares,
+        or, without ``ANTHROPIC_API_KEY``, a client that only ever sends per-call keys."""
+        return self.client() if self.settings.api_key is not None else self._keyed.get()
+
+    def keyed_async_client(self) -> AsyncAnthropic:
+        return self.async_client() if self.settings.api_key is not None else self._keyed_async.get()
 
     @property
     def built(self) -> bool:
@@ -119,6 +142,8 @@ class AnthropicConnector(SingleClientConnector[AnthropicSettings, "Anthropic"]):
     def reset(self) -> None:
         super().reset()
         self._async.reset()
+        self._keyed.reset()
+        self._keyed_async.reset()
 
     def info(self) -> dict[str, Any]:
         settings = self.settings

@@ -5,16 +5,21 @@ google-genai has no request timeout by default; every client built here has
 ``GEMINI_API_KEY``, with ``GOOGLE_API_KEY`` accepted; Vertex AI is chosen by
 ``GOOGLE_GENAI_USE_VERTEXAI`` and needs ``GOOGLE_CLOUD_PROJECT`` and
 ``GOOGLE_CLOUD_LOCATION`` (credentials from Application Default Credentials).
+
+A call with a key of its own (``api_key=`` of the LLM layer) is sent by
+:meth:`GenAIConnector.keyed_client` with its key in that request's headers: the
+client above, whose pool every key shares, or, without a key of the platform's,
+a client that only ever sends per-call keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from app.config import check_http_url, get_bool, get_seconds, get_str
-from app.connectors._base import SingleClientConnector, current_connector, reset_registered
+from app.connectors._base import LazyClient, SingleClientConnector, current_connector, reset_registered
 from app.connectors.outbound import genai_client_args
 from app.errors import ServiceNotConfiguredError
 from app.redaction import Secret, redact_url, register_secret
@@ -25,6 +30,8 @@ if TYPE_CHECKING:
 
 EXTENSION_KEY = "genai_service"
 DEFAULT_ENDPOINT = "https://generativelanguage.googleapis.com"
+#: The key of a client that only ever sends per-call keys (no GEMINI_API_KEY configured).
+PER_CALL_KEYS_ONLY = "per-call-keys-only"
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,25 @@ class GenAIConnector(SingleClientConnector[GenAISettings, "Client"]):
     parse_settings = staticmethod(parse_genai_settings)
     build_client = staticmethod(build_genai_client)
     close_client = staticmethod(close_genai_client)
+
+    def __init__(self, settings: GenAISettings) -> None:
+        super().__init__(settings)
+        self._keyed: LazyClient[Client] = LazyClient(
+            lambda: build_genai_client(replace(self.settings, api_key=Secret(PER_CALL_KEYS_ONLY))),
+            close_genai_client,
+        )
+
+    def keyed_client(self) -> Client:
+        """The client that sends calls with a key of their own (the key goes in each request's
+        headers): the client above, or, without a key of the platform's, one that only ever
+        sends per-call keys. Vertex AI takes no API key: the layer refuses one before this."""
+        if self.settings.missing is None or self.settings.vertexai:
+            return self.client()
+        return self._keyed.get()
+
+    def reset(self) -> None:
+        super().reset()
+        self._keyed.reset()
 
     def info(self) -> dict[str, Any]:
         settings = self.settings

@@ -7,7 +7,14 @@ The ``default`` profile comes from ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` /
 base URL and key variable, so ``{"groq": {}}`` is a complete profile when
 ``GROQ_API_KEY`` is set; and when ``GROQ_API_KEY`` / ``OPENROUTER_API_KEY``
 is set (or ``OLLAMA_HOST``), that profile exists without any entry. A profile
-with ``azure_endpoint`` builds an ``AzureOpenAI`` client.
+with ``azure_endpoint`` builds an ``AzureOpenAI`` client, authenticated by a key or,
+with ``azure_ad_token_provider`` (``"module:callable"``, imported and checked at
+start), by Azure AD tokens (a managed identity).
+
+Calls with a key of their own (``api_key=`` of the LLM layer) go through
+:meth:`OpenAIConnector.keyed_client`: the profile's client, whose pool they
+share, or, for a profile without a key of its own, a client that only ever
+sends per-call keys.
 
 Every client gets a 60 s read / 5 s connect timeout unless configured (the
 SDK's own default is 600 s), and is built only when first asked for.
@@ -15,9 +22,11 @@ SDK's own default is 600 s), and is built only when first asked for.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +63,7 @@ PROFILE_KEYS = frozenset(
     {
         "base_url", "api_key", "api_key_env", "organization", "project", "default_headers",
         "timeout", "connect_timeout", "max_retries", "azure_endpoint", "api_version",
-        "azure_deployment",
+        "azure_deployment", "azure_ad_token_provider",
     }
 )  # fmt: skip
 
@@ -70,6 +79,8 @@ BUILTIN_PROVIDERS = ("openai", "gemini", "anthropic")
 
 #: Sent as the key to endpoints that need none (Ollama, vLLM): the SDK insists on one.
 KEYLESS_PLACEHOLDER = "not-needed"
+#: The key of a client that only ever sends per-call keys (a profile without a key of its own).
+PER_CALL_KEYS_ONLY = "per-call-keys-only"
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,10 @@ class OpenAIProfile:
     azure_endpoint: str | None = None
     api_version: str | None = None
     azure_deployment: str | None = None
+    #: ``"module:callable"`` of an Azure AD token provider (Azure profiles, instead of a key).
+    azure_ad_token_provider: str | None = None
+    #: That callable, imported at start: called by the SDK for every request.
+    token_provider: Callable[[], str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_azure(self) -> bool:
@@ -236,7 +251,17 @@ def _parse_profile(
         raise ConfigError(
             f"{where}.base_url is required (the OpenAI-compatible endpoint, e.g. 'http://127.0.0.1:8000/v1')"
         )
-    if azure_endpoint and not api_key and not key_env:
+    token_path = text("azure_ad_token_provider")
+    token_provider = None
+    if token_path:
+        if not azure_endpoint:
+            raise ConfigError(
+                f"{where}.azure_ad_token_provider is for an Azure profile (one with azure_endpoint)"
+            )
+        if text("api_key") or key_env:
+            raise ConfigError(f"{where} sets both a key and azure_ad_token_provider; keep one")
+        token_provider = load_token_provider(token_path, f"{where}.azure_ad_token_provider")
+    elif azure_endpoint and not api_key and not key_env:
         key_setting = f"{where}.api_key"
     return OpenAIProfile(
         name=name,
@@ -260,7 +285,43 @@ def _parse_profile(
         azure_endpoint=azure_endpoint,
         api_version=text("api_version"),
         azure_deployment=text("azure_deployment"),
+        azure_ad_token_provider=token_path,
+        token_provider=token_provider,
     )
+
+
+def load_token_provider(path: str, setting: str) -> Callable[[], str]:
+    """The Azure AD token provider named by ``"module:callable"``, checked without calling it.
+
+    A callable that takes no argument and returns a bearer token, such as
+    ``azure.identity.get_bearer_token_provider(DefaultAzureCredential(), scope)``.
+    It must be a plain function: the sync client calls it (the async one too, on
+    its event loop), and calling it at start would ask Azure for a token.
+    """
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name.strip() or not attribute.strip():
+        raise ConfigError(f"{setting} must be 'module:callable', got {path!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{setting}: cannot load {path!r} ({type(exc).__name__}: {exc})") from None
+    if not callable(target) or isinstance(target, type):
+        raise ConfigError(f"{setting}: {path!r} is not a function that returns a token")
+    if inspect.iscoroutinefunction(target) or (
+        not inspect.isroutine(target) and inspect.iscoroutinefunction(type(target).__call__)
+    ):
+        raise ConfigError(
+            f"{setting}: {path!r} is an async function; give a plain one (the sync client calls it too)"
+        )
+    try:
+        inspect.signature(target).bind()
+    except TypeError:
+        raise ConfigError(f"{setting}: {path!r} must be callable without arguments") from None
+    except ValueError:  # no signature to read (a builtin): let the SDK call it
+        pass
+    return target  # type: ignore[no-any-return]
 
 
 def _client_kwargs(profile: OpenAIProfile) -> dict[str, Any]:
@@ -281,6 +342,8 @@ def _client_kwargs(profile: OpenAIProfile) -> dict[str, Any]:
             azure_deployment=profile.azure_deployment,
         )
         kwargs.pop("project")
+        if profile.token_provider is not None and profile.api_key is None:
+            kwargs.update(api_key=None, azure_ad_token_provider=profile.token_provider)
     else:
         kwargs["base_url"] = profile.base_url
     return kwargs
@@ -324,17 +387,29 @@ class OpenAIConnector(Connector):
             name: LoopBoundClients(partial(build_async_openai_client, profile))
             for name, profile in profiles.items()
         }
+        # Profiles without a key of their own: a client for per-call keys only, built on first use.
+        keyless = {
+            name: replace(profile, api_key=Secret(PER_CALL_KEYS_ONLY))
+            for name, profile in profiles.items()
+            if not profile.configured
+        }
+        self._keyed_sync = {
+            name: LazyClient(partial(build_openai_client, profile), _close_sync)
+            for name, profile in keyless.items()
+        }
+        self._keyed_async = {
+            name: LoopBoundClients(partial(build_async_openai_client, profile))
+            for name, profile in keyless.items()
+        }
 
     def reconfigure(self, config: Mapping[str, Any]) -> None:
         profiles = parse_openai_settings(config)
         if profiles == self.profiles:
             return
-        old_sync, old_async = self._sync, self._async
+        old = self._slots()
         self._install(profiles)
-        for slot in old_sync.values():
+        for slot in old:
             slot.reset()
-        for clients in old_async.values():
-            clients.reset()
 
     def _unknown(self, name: str) -> UnknownProfileError:
         return UnknownProfileError(name, sorted(self.profiles))
@@ -353,23 +428,39 @@ class OpenAIConnector(Connector):
             raise self._unknown(name) from None
         return clients.get()
 
+    def keyed_client(self, name: str = DEFAULT_PROFILE) -> OpenAI:
+        """The client that calls with a key of their own copy (``with_options(api_key=...)``).
+
+        The profile's client when it has a key (or needs none), so per-call keys share its
+        pool; else one that only ever sends per-call keys, never a key of the platform's.
+        """
+        slot = self._keyed_sync.get(name)
+        return slot.get() if slot is not None else self.client(name)
+
+    def keyed_async_client(self, name: str = DEFAULT_PROFILE) -> AsyncOpenAI:
+        clients = self._keyed_async.get(name)
+        return clients.get() if clients is not None else self.async_client(name)
+
     def profile(self, name: str = DEFAULT_PROFILE) -> OpenAIProfile:
         try:
             return self.profiles[name]
         except KeyError:
             raise self._unknown(name) from None
 
+    def _slots(self) -> list[LazyClient[Any] | LoopBoundClients[Any]]:
+        return [*self._sync.values(), *self._async.values(), *self._keyed_sync.values(),
+                *self._keyed_async.values()]  # fmt: skip
+
     def reset(self) -> None:
-        for slot in self._sync.values():
+        for slot in self._slots():
             slot.reset()
-        for clients in self._async.values():
-            clients.reset()
 
     def info(self) -> dict[str, Any]:
         return {
             name: {
                 "configured": profile.configured,
                 "kind": "azure" if profile.is_azure else "openai-compatible",
+                **({"auth": "azure_ad_token_provider"} if profile.token_provider is not None else {}),
                 "endpoint": profile.endpoint,
                 "timeout": profile.timeout,
                 "connect_timeout": profile.connect_timeout,

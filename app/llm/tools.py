@@ -11,10 +11,13 @@ import copy
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from app.llm.errors import LLMBadRequestError
 from app.llm.types import check_texts
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,16 @@ def _tool(index: int, tool: Any) -> ToolSpec:
     return ToolSpec(function["name"], str(function.get("description") or ""), copy.deepcopy(dict(parameters)))
 
 
-def tool_from_function(function: Callable[..., Any]) -> ToolSpec:
-    """A tool from a function: its parameters' type hints make the schema, its docstring the description."""
+def arguments_model(function: Callable[..., Any], *, forbid_extra: bool = False) -> type[BaseModel]:
+    """A pydantic model of ``function``'s parameters, from their type hints and defaults.
+
+    The schema sent to the model is this model's; ``llm.run()`` validates the model's
+    arguments with it (``forbid_extra``: an argument the function does not take is an error).
+    ``*args`` and ``**kwargs`` are left out.
+    """
     import inspect  # only tools given as functions need it
 
-    from pydantic import create_model
+    from pydantic import ConfigDict, create_model
 
     signature = inspect.signature(function)
     hints = inspect.get_annotations(function, eval_str=True)
@@ -118,8 +126,15 @@ def tool_from_function(function: Callable[..., Any]) -> ToolSpec:
         annotation = hints.get(name, Any)
         default = ... if parameter.default is parameter.empty else parameter.default
         fields[name] = (annotation, default)
-    model = create_model(f"{function.__name__}_arguments", **fields)
-    schema = model.model_json_schema()
+    config = ConfigDict(extra="forbid") if forbid_extra else None
+    return create_model(f"{function.__name__}_arguments", __config__=config, **fields)
+
+
+def tool_from_function(function: Callable[..., Any]) -> ToolSpec:
+    """A tool from a function: its parameters' type hints make the schema, its docstring the description."""
+    import inspect
+
+    schema = arguments_model(function).model_json_schema()
     schema.pop("title", None)
     for prop in schema.get("properties", {}).values():
         prop.pop("title", None)

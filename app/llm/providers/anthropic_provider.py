@@ -2,7 +2,9 @@
 
 Uses the Anthropic connector's clients (``get_anthropic_client()`` for sync
 calls, one ``AsyncAnthropic`` per event loop for async ones), so they stay
-lazy, per app, per process and fork-safe.
+lazy, per app, per process and fork-safe. A call with a key of its own goes
+through a copy of that client sending its key over the same pool
+(``with_options(api_key=...)``, kept per key by :class:`PerKeyClients`).
 
 Translation to the Messages API: system messages become ``system``; tool
 results (``role="tool"``) become ``tool_result`` blocks in a user message;
@@ -37,6 +39,7 @@ from app.llm.errors import (
 from app.llm.providers.base import (
     ChatRequest,
     EmbedRequest,
+    PerKeyClients,
     Provider,
     StreamEnd,
     StreamEvent,
@@ -45,6 +48,7 @@ from app.llm.providers.base import (
     WithoutRetries,
     is_json_mode,
     merge_body,
+    with_key,
 )
 from app.llm.structured import json_schema
 from app.llm.types import ChatResponse, FinishReason, ImagePart, Message, TextPart, ToolCall, system_text
@@ -441,6 +445,8 @@ class AnthropicProvider(Provider):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self._without_retries = WithoutRetries()  # the layer retries, not the SDK
+        #: Copies of the clients above that send a per-call key (``api_key=``).
+        self._per_key = PerKeyClients(with_key)
 
     def check(self, request: ChatRequest) -> None:
         super().check(request)
@@ -457,16 +463,28 @@ class AnthropicProvider(Provider):
             return {"timeout": request.timeout}
         return {}
 
+    def _client(self, connector: AnthropicConnector, request: ChatRequest) -> Any:
+        """The sync client without SDK retries, sending the call's own key when it has one."""
+        if request.api_key is None:
+            return self._without_retries(connector.client())
+        return self._per_key.get(self._without_retries(connector.keyed_client()), request.api_key)
+
+    def _aclient(self, connector: AnthropicConnector, request: ChatRequest) -> Any:
+        """The async client of the running event loop, likewise."""
+        if request.api_key is None:
+            return self._without_retries(connector.async_client())
+        return self._per_key.get(self._without_retries(connector.keyed_async_client()), request.api_key)
+
     def chat(self, request: ChatRequest) -> ChatResponse:
         connector = self._connector()
-        client = self._without_retries(connector.client())
+        client = self._client(connector, request)
         message = client.messages.create(**build_params(request), **self._options(connector, request))
         return translate_response(request, message)
 
     def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
         connector = self._connector()
         params = {**build_params(request), **self._options(connector, request)}
-        upstream = self._without_retries(connector.client()).messages.create(**params, stream=True)
+        upstream = self._client(connector, request).messages.create(**params, stream=True)
         return _SyncEvents(upstream)
 
     def embed(self, request: EmbedRequest) -> list[list[float]]:
@@ -474,7 +492,7 @@ class AnthropicProvider(Provider):
 
     async def achat(self, request: ChatRequest) -> ChatResponse:
         connector = self._connector()
-        client = self._without_retries(connector.async_client())
+        client = self._aclient(connector, request)
         message = await client.messages.create(**build_params(request), **self._options(connector, request))
         return translate_response(request, message)
 
@@ -487,7 +505,7 @@ class AnthropicProvider(Provider):
         self, connector: AnthropicConnector, request: ChatRequest
     ) -> AsyncIterator[StreamEvent]:
         params = {**build_params(request), **self._options(connector, request)}
-        client = self._without_retries(connector.async_client())
+        client = self._aclient(connector, request)
         upstream = await client.messages.create(**params, stream=True)
         ended = False
         try:

@@ -10,16 +10,21 @@ retries, caching or accounting: those wrap every provider alike, above it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from app.connectors._base import keep_inherited, on_fork_in_child
 from app.llm.errors import LLMBadRequestError, LLMError, LLMResponseError
 from app.llm.tools import ToolChoice, ToolSpec
 from app.llm.types import ChatResponse, FinishReason, Message, ToolCall
+from app.redaction import Secret
 
 #: ``reasoning_effort`` values: how much a reasoning model thinks before it answers.
 ReasoningEffort = Literal["minimal", "low", "medium", "high"]
@@ -47,9 +52,9 @@ class ChatRequest:
     Every parameter is a field (:mod:`app.llm.canonical` walks them all for
     cache keys and cassettes), in the validated, normalised form
     :mod:`app.llm.params` makes of the caller's values. Fields are keywords
-    with defaults, so a new one adds to it without reshaping it: a per-call
-    ``api_key`` would be ``field(default=None, repr=False)``, and the canonical
-    form already keeps only a hash of a field of that name.
+    with defaults, so a new one adds to it without reshaping it. The per-call
+    ``api_key`` is a :class:`~app.redaction.Secret` left out of the repr; the
+    canonical form keeps only its hash.
     """
 
     provider: str
@@ -79,6 +84,8 @@ class ChatRequest:
     safety: tuple[tuple[str, str], ...] | None = None
     #: Merged into the provider's request body (nested objects merge key by key).
     extra: dict[str, Any] | None = None
+    #: The caller's own key for this call (bring your own key), sent instead of the platform's.
+    api_key: Secret | None = field(default=None, repr=False)
 
     def context(self) -> dict[str, Any]:
         """Keyword arguments that put provider and model on an LLMError."""
@@ -91,6 +98,8 @@ class EmbedRequest:
     model: str
     inputs: list[str]
     timeout: float | None = None
+    #: The caller's own key for this call, as in :class:`ChatRequest`.
+    api_key: Secret | None = field(default=None, repr=False)
 
     def context(self) -> dict[str, Any]:
         return {"provider": self.provider, "model": self.model}
@@ -184,6 +193,15 @@ class Provider(ABC):
         for name in self.unsupported_in(request):
             raise unsupported_parameter(self, name)
 
+    def check_api_key(self, request: ChatRequest | EmbedRequest) -> None:  # noqa: B027 - optional hook
+        """Refuse a per-call ``api_key`` this provider cannot send (LLMBadRequestError naming it).
+
+        Called for every call that carries one, before any hook or request. An adapter
+        sends ``request.api_key`` instead of its configured key; one that cannot use a
+        per-call key overrides this and refuses it, so a call never falls back silently
+        to the platform's key.
+        """
+
     @abstractmethod
     def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
         """The typed error for an exception the SDK raised (``context``: provider and model)."""
@@ -218,6 +236,112 @@ class WithoutRetries:
             self._copies[client] = copy
         self._last = (client, copy)
         return copy
+
+
+#: How long a per-call key may be: far longer than any provider's keys, short of a header too big to send.
+MAX_KEY_LENGTH = 4096
+
+
+def per_call_key(value: Any) -> Secret | None:
+    """A caller's ``api_key=`` as a :class:`Secret`, or None when not given.
+
+    Refused with an LLMBadRequestError naming ``api_key`` (whose message never
+    quotes the value): an empty or blank key, which must never fall back to the
+    platform's key; anything but a string; and characters a key never has
+    (space, control characters, non-ASCII), which an HTTP header cannot carry.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Secret):
+        value = value.reveal()
+    if not isinstance(value, str):
+        raise LLMBadRequestError(f"api_key must be a string, got {type(value).__name__}", field="api_key")
+    if not value.strip():
+        raise LLMBadRequestError(
+            "api_key is empty; leave it out to use the configured key, or pass the caller's key",
+            field="api_key",
+        )
+    if len(value) > MAX_KEY_LENGTH or not (value.isascii() and value.isprintable()) or " " in value:
+        raise LLMBadRequestError(
+            f"api_key must be at most {MAX_KEY_LENGTH} printable ASCII characters without spaces",
+            field="api_key",
+        )
+    return Secret(value)
+
+
+def key_id(key: Secret) -> str:
+    """A key's identity where one is needed (a cache, a log, a metric): its SHA-256, never the key."""
+    return hashlib.sha256(key.reveal().encode()).hexdigest()
+
+
+class PerKeyClients:
+    """Copies of a shared SDK client, each sending another key: the pool stays the base client's.
+
+    ``with_options(api_key=...)`` (openai, anthropic) makes a client that shares its
+    base's HTTP client, so every key goes over the same connections. Making one costs
+    more than a request's own work in the layer, so copies are kept: per base client
+    (weakly: a base that a reset, a fork or a finished event loop let go takes its
+    copies with it), at most ``size`` keys each, the least recently used dropped first.
+    A dropped copy is not closed: it owns no connection, and closing it would close the
+    base's pool, which every other key (and the platform's) uses. Keys are held by
+    their hash; a forked child starts with no copies (its bases are new clients).
+    """
+
+    def __init__(self, make: Callable[[Any, str], Any], size: int = 256) -> None:
+        self._make = make
+        self.size = size
+        self._lock = threading.Lock()
+        self._by_base: weakref.WeakKeyDictionary[Any, OrderedDict[str, Any]] = weakref.WeakKeyDictionary()
+        _per_key_caches.add(self)
+
+    def get(self, base: Any, key: Secret) -> Any:
+        """The copy of ``base`` that sends ``key``, made on first use."""
+        ident = key_id(key)
+        with self._lock:
+            copies = self._by_base.get(base)
+            found = copies.get(ident) if copies is not None else None
+            if found is not None:
+                assert copies is not None
+                copies.move_to_end(ident)
+                return found
+        made = self._make(base, key.reveal())  # outside the lock: two threads may both make one
+        with self._lock:
+            copies = self._by_base.get(base)
+            if copies is None:
+                copies = self._by_base[base] = OrderedDict()
+            copies[ident] = made
+            copies.move_to_end(ident)
+            while len(copies) > self.size:
+                copies.popitem(last=False)
+        return made
+
+    def __len__(self) -> int:
+        """How many copies are kept, over every base."""
+        with self._lock:
+            return sum(len(copies) for copies in self._by_base.values())
+
+    def _forget_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        kept = [copy for copies in self._by_base.values() for copy in copies.values()]
+        if kept:
+            keep_inherited(kept)  # the parent's: never finalised here
+        self._by_base = weakref.WeakKeyDictionary()
+
+
+_per_key_caches: weakref.WeakSet[PerKeyClients] = weakref.WeakSet()
+
+
+def _forget_per_key_clients() -> None:
+    for cache in list(_per_key_caches):
+        cache._forget_after_fork()
+
+
+on_fork_in_child(_forget_per_key_clients)
+
+
+def with_key(client: Any, key: str) -> Any:
+    """An openai or anthropic client that sends ``key``, sharing ``client``'s connection pool."""
+    return client.with_options(api_key=key)
 
 
 def unsupported_parameter(provider: Provider, name: str) -> LLMBadRequestError:

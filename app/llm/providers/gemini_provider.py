@@ -4,6 +4,12 @@ Uses ``get_genai_client()`` (and its ``.aio`` side for the async calls), so
 the client stays lazy, per app, per process and fork-safe. This module is
 imported on the first call addressed to ``gemini/...``, never by ``app.llm``.
 
+A call with a key of its own sends it in that request's ``x-goog-api-key``
+header (google-genai's per-request ``HttpOptions.headers``, which replace the
+client's own), through the same client and connection pool: no client is made
+per key, so none needs bounding or closing. Vertex AI takes no API key, and
+refuses one.
+
 Translation: system messages become ``system_instruction``; user and
 assistant messages become ``contents`` with the roles ``user`` and
 ``model``; assistant tool calls become ``function_call`` parts and tool
@@ -298,9 +304,24 @@ def check_request(request: ChatRequest) -> None:
             )
 
 
+#: The header that carries a Gemini API key (google-genai's own, replaced per request).
+KEY_HEADER = "x-goog-api-key"
+
+
+def key_options(request: ChatRequest | EmbedRequest) -> types.HttpOptions | None:
+    """The call's own key in this request's headers, replacing the client's key."""
+    if request.api_key is None:
+        return None
+    return types.HttpOptions(headers={KEY_HEADER: request.api_key.reveal()})
+
+
 def http_options(request: ChatRequest) -> types.HttpOptions | None:
-    """This attempt's shorter timeout, and ``extra`` merged into the body (google-genai's ``extra_body``)."""
-    options = types.HttpOptions(extra_body=request.extra) if request.extra else None
+    """This attempt's shorter timeout, ``extra`` merged into the body (google-genai's ``extra_body``),
+    and the call's own key."""
+    options = key_options(request)
+    if request.extra:
+        options = options or types.HttpOptions()
+        options.extra_body = request.extra
     if request.timeout is not None:
         from app.connectors.genai_connector import current_genai_connector
 
@@ -527,6 +548,25 @@ class GeminiProvider(Provider):
         super().check(request)
         check_request(request)
 
+    def check_api_key(self, request: ChatRequest | EmbedRequest) -> None:
+        from app.connectors.genai_connector import current_genai_connector
+
+        if current_genai_connector().settings.vertexai:
+            raise LLMBadRequestError(
+                "Gemini here is Vertex AI (GOOGLE_GENAI_USE_VERTEXAI), which authenticates with"
+                " Google Cloud credentials and takes no per-call api_key",
+                field="api_key",
+            )
+
+    @staticmethod
+    def _genai(request: ChatRequest | EmbedRequest) -> Any:
+        """The client for this call: the app's, or the one that sends per-call keys."""
+        if request.api_key is None:
+            return get_genai_client()
+        from app.connectors.genai_connector import current_genai_connector
+
+        return current_genai_connector().keyed_client()
+
     def _build(self, request: ChatRequest) -> tuple[list[types.Content], types.GenerateContentConfig]:
         contents = translate_messages(
             request.messages,
@@ -545,7 +585,7 @@ class GeminiProvider(Provider):
 
     def chat(self, request: ChatRequest) -> ChatResponse:
         contents, config = self._build(request)
-        response = get_genai_client().models.generate_content(
+        response = self._genai(request).models.generate_content(
             model=request.model,
             contents=contents,
             config=config,
@@ -554,7 +594,7 @@ class GeminiProvider(Provider):
 
     async def achat(self, request: ChatRequest) -> ChatResponse:
         contents, config = self._build(request)
-        response = await get_genai_client().aio.models.generate_content(
+        response = await self._genai(request).aio.models.generate_content(
             model=request.model,
             contents=contents,
             config=config,
@@ -564,7 +604,7 @@ class GeminiProvider(Provider):
     # --- streams -----------------------------------------------------------------
 
     def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
-        client = get_genai_client()
+        client = self._genai(request)
         contents, config = self._build(request)
         # A generator: nothing is sent before the first read.
         upstream = client.models.generate_content_stream(
@@ -593,7 +633,7 @@ class GeminiProvider(Provider):
 
     def astream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         try:
-            client = get_genai_client()
+            client = self._genai(request)
             contents, config = self._build(request)
         except Exception as exc:
             return _failing(exc)
@@ -641,17 +681,24 @@ class GeminiProvider(Provider):
             )
         return [list(embedding.values or ()) for embedding in embeddings]
 
+    @staticmethod
+    def _embed_config(request: EmbedRequest) -> dict[str, Any]:
+        options = key_options(request)
+        return {"config": types.EmbedContentConfig(http_options=options)} if options is not None else {}
+
     def embed(self, request: EmbedRequest) -> list[list[float]]:
-        result = get_genai_client().models.embed_content(
+        result = self._genai(request).models.embed_content(
             model=request.model,
             contents=self._embed_contents(request),
+            **self._embed_config(request),
         )
         return self._vectors(request, result)
 
     async def aembed(self, request: EmbedRequest) -> list[list[float]]:
-        result = await get_genai_client().aio.models.embed_content(
+        result = await self._genai(request).aio.models.embed_content(
             model=request.model,
             contents=self._embed_contents(request),
+            **self._embed_config(request),
         )
         return self._vectors(request, result)
 

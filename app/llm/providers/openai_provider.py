@@ -5,7 +5,9 @@ and ``get_async_openai_client(profile)``, so clients stay lazy, per app, per
 process and fork-safe. OpenAI itself (the
 ``default`` profile and Azure) takes ``max_completion_tokens``; other
 compatible servers (Ollama, vLLM, Groq, OpenRouter) are sent the older and
-more widely accepted ``max_tokens``.
+more widely accepted ``max_tokens``. A call with a key of its own goes through
+a copy of the profile's client that sends that key over the same pool
+(``with_options(api_key=...)``, kept per key by :class:`PerKeyClients`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from app.llm.errors import (
 from app.llm.providers.base import (
     ChatRequest,
     EmbedRequest,
+    PerKeyClients,
     Provider,
     StreamEnd,
     StreamEvent,
@@ -43,6 +46,7 @@ from app.llm.providers.base import (
     is_json_mode,
     merge_body,
     tool_call_from_json,
+    with_key,
 )
 from app.llm.structured import schema_name, strict_json_schema
 from app.llm.types import ChatResponse, FinishReason, ImagePart, Message, TextPart
@@ -128,6 +132,8 @@ class OpenAIProvider(Provider):
         super().__init__(name)
         self.profile = profile
         self._without_retries = WithoutRetries()  # the layer retries, not the SDK
+        #: Copies of the clients above that send a per-call key (``api_key=``).
+        self._per_key = PerKeyClients(with_key)
         #: The app's OpenAI connector, found on first use: an adapter serves one app's LLM
         #: layer, and the connector object lives as long as the app (reset and reconfigure
         #: change what it holds, not which one it is).
@@ -146,12 +152,20 @@ class OpenAIProvider(Provider):
         deadline leaves less than the client's own. One connector lookup serves both.
         """
         connector = self._openai()
-        client = self._without_retries(connector.client(self.profile))
+        if request.api_key is None:
+            client = self._without_retries(connector.client(self.profile))
+        else:
+            base = self._without_retries(connector.keyed_client(self.profile))
+            client = self._per_key.get(base, request.api_key)
         return client, self._timeout(connector, request)
 
     def _aclient(self, request: ChatRequest | EmbedRequest) -> tuple[Any, dict[str, Any]]:
         connector = self._openai()
-        client = self._without_retries(connector.async_client(self.profile))
+        if request.api_key is None:
+            client = self._without_retries(connector.async_client(self.profile))
+        else:
+            base = self._without_retries(connector.keyed_async_client(self.profile))
+            client = self._per_key.get(base, request.api_key)
         return client, self._timeout(connector, request)
 
     def _timeout(self, connector: OpenAIConnector, request: ChatRequest | EmbedRequest) -> dict[str, Any]:
