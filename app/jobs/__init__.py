@@ -161,7 +161,7 @@ def enqueue_step(job: Job, delay: float = 0.0) -> None:
     jobs = current_jobs()
     with transaction():
         job.step += 1
-        job.queue_job_id = f"{job.id}.{job.step}"
+        job.queue_job_id = f"{job.id}-{job.step}"
         job.next_step_at = utcnow() + timedelta(seconds=delay)
         job.updated_at = utcnow()
     jobs.backend.enqueue(job.id, job.queue_job_id, delay)

@@ -55,7 +55,7 @@ class Job(Base):
     usage_unit: Mapped[str | None] = mapped_column(String(16))
     usage_quantity: Mapped[Decimal | None] = mapped_column(Numeric(12, 3))
     cost: Mapped[Decimal | None] = mapped_column(Numeric(14, 6))
-    #: How many steps were enqueued, and the queue's id of the latest (``<id>.<step>``).
+    #: How many steps were enqueued, and the queue's id of the latest (``<id>-<step>``).
     step: Mapped[int] = mapped_column(Integer, default=0)
     queue_job_id: Mapped[str | None] = mapped_column(String(64))
     #: When the latest step is due (a poll waits until then).

@@ -202,6 +202,33 @@ class LLMBulkheadFullError(LLMError):
     kind = "bulkhead_full"
 
 
+class LLMMaxRoundsError(LLMError):
+    """``run()``: the model still asked for tools after ``max_rounds`` rounds, and gave no answer.
+
+    ``messages`` keeps the whole transcript (the caller's messages, then each round's
+    assistant message and tool results; the last round's tool calls were not run),
+    ``rounds`` how many rounds ran, and ``response`` the last round's answer with the
+    usage (and cost) summed over every round. A bad gateway: the model, not the caller,
+    failed to finish.
+    """
+
+    kind = "max_rounds_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        rounds: int = 0,
+        response: Any = None,
+        **context: Any,
+    ) -> None:
+        super().__init__(message, **context)
+        self.messages = messages if messages is not None else []
+        self.rounds = rounds
+        self.response = response
+
+
 def error_for_status(status: int | None) -> type[LLMError]:
     """The error class for an HTTP status."""
     if status is None:
