@@ -310,6 +310,11 @@ def _error_or_none(app: Flask, call: Callable[[], Any]) -> None:
             pass
 
 
+def _lookup(key: str) -> str:
+    """A tool for run(): the model asks for it once too often."""
+    return key
+
+
 def _every_error(app: Flask, upstream: ScriptedServer) -> list[tuple[str, LLMError]]:
     got: list[tuple[str, LLMError]] = []
 
@@ -345,6 +350,11 @@ def _every_error(app: Flask, upstream: ScriptedServer) -> list[tuple[str, LLMErr
         "stream without its end",
         Reply(body=f'{{"truncated": "{CANARY_KEY}', headers=ECHO),
         _stream("openai/m"),
+    )
+    openai(
+        "max rounds of tool calls",
+        chat_completion(None, tool_calls=[function_call("c1", "lookup", json.dumps({"key": CANARY_KEY}))]),
+        lambda: get_llm().run(MESSAGES, "openai/gpt-4o-mini", tools=[_lookup], max_rounds=1),
     )
     got.append(("unknown provider", _error(app, _chat("nowhere/m"))))
     got.append(("no key", _error(app, _chat("keyless/m"))))

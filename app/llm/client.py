@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 
 from flask import Flask, current_app
 
@@ -28,13 +28,14 @@ from app.llm import params
 from app.llm.catalogue import Catalogue, ModelInfo, parse_overrides
 from app.llm.errors import LLMBadRequestError, LLMContextLengthError, LLMError, LLMNotConfiguredError
 from app.llm.hooks import CallKind, CallLogHook, HookChain, LLMCall, LLMHook, load_hooks
-from app.llm.providers.base import ChatRequest, EmbedRequest, Provider, is_json_mode
+from app.llm.providers.base import ChatRequest, EmbedRequest, Provider, is_json_mode, per_call_key
 from app.llm.resilience.settings import ResilienceSettings, parse_resilience_settings
-from app.llm.resilience.steps import run_async, run_sync
+from app.llm.resilience.steps import Flow, Step, run_async, run_sync
 from app.llm.streaming import AsyncChatStream, ChatStream
 from app.llm.structured import check_response_format
 from app.llm.tools import normalise_tool_choice, normalise_tools
 from app.llm.types import ChatResponse, normalise_messages
+from app.redaction import masking, scrub_exception
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -43,10 +44,12 @@ if TYPE_CHECKING:
     from app.llm.ollama import OllamaManager
     from app.llm.pipeline import Build, Pipeline
     from app.llm.resilience.executor import Guards
+    from app.llm.tools_runner import RunResponse
 
 logger = logging.getLogger(__name__)
 
 EXTENSION_KEY = "llm"
+T = TypeVar("T")
 OPENAI_PROVIDER = "openai"  # addresses the "default" OpenAI profile
 
 
@@ -83,6 +86,8 @@ class CallOptions(TypedDict, total=False):
     safety: Mapping[str, str] | Sequence[Mapping[str, str]] | None
     #: Merged into the provider's request body, for anything provider-specific.
     extra: Mapping[str, Any] | None
+    #: The caller's own provider key for this call (bring your own key), over the profile's pool.
+    api_key: str | None
 
 
 _CALL_OPTIONS = frozenset(CallOptions.__annotations__)
@@ -243,6 +248,7 @@ class LLM:
             if response_format is not None and not is_json_mode(response_format):
                 check_response_format(response_format)
             parameters = params.validate(options)
+            api_key = per_call_key(options.get("api_key"))
             provider = self.provider(provider_name)
             request = ChatRequest(
                 provider=provider_name,
@@ -252,10 +258,13 @@ class LLM:
                 tool_choice=choice,
                 response_format=response_format,
                 user=options.get("user"),
+                api_key=api_key,
                 **parameters,
             )
             request = self._supported(provider, request)
             provider.check(request)
+            if api_key is not None:
+                provider.check_api_key(request)
             self._check_model_limits(request)
         except LLMBadRequestError as exc:  # the layer's own checks: add provider and model
             raise LLMBadRequestError(
@@ -326,7 +335,21 @@ class LLM:
         self, provider: Provider, request: ChatRequest | EmbedRequest
     ) -> Callable[[BaseException], LLMError]:
         """What turns an exception of this call into its typed error (its context built only then)."""
+        if request.api_key is not None:
+            return partial(self._map_keyed_error, provider, request.context, request.api_key.reveal())
         return partial(self._map_error, provider, request.context)
+
+    @classmethod
+    def _map_keyed_error(
+        cls, provider: Provider, context_of: Callable[[], dict[str, Any]], key: str, exc: BaseException
+    ) -> LLMError:
+        """As :meth:`_map_error`, with the call's own key masked wherever the error and its chain
+        would show it (a provider may echo the key it refused)."""
+        with masking(key):
+            if isinstance(exc, LLMError):
+                scrub_exception(exc)
+                return exc
+            return cls._map_error(provider, context_of, exc)
 
     @staticmethod
     def _map_error(
@@ -388,20 +411,20 @@ class LLM:
         """One answer: ``temperature``, ``max_tokens``, ``tools``, ``tool_choice``, ``response_format``,
         ``user``, ``tenant``, ``fallbacks`` and the generation parameters (see :class:`CallOptions`)."""
         call, chain, build = self._prepare("chat", False, messages, model, options)
-        return run_sync(self.pipeline.chat(call, chain, build))
+        return run_sync(_masked(call, self.pipeline.chat(call, chain, build)))
 
     async def achat(
         self, messages: Any, model: str | None = None, **options: Unpack[CallOptions]
     ) -> ChatResponse:
         call, chain, build = self._prepare("chat", True, messages, model, options)
-        return await run_async(self.pipeline.chat(call, chain, build))
+        return await run_async(_masked(call, self.pipeline.chat(call, chain, build)))
 
     def chat_stream(
         self, messages: Any, model: str | None = None, **options: Unpack[CallOptions]
     ) -> ChatStream:
         """Open a stream now (retries and fallbacks happen here, before any text is returned)."""
         call, chain, build = self._prepare("stream", False, messages, model, options)
-        relay = run_sync(self.pipeline.open_stream(call, chain, build))
+        relay = run_sync(_masked(call, self.pipeline.open_stream(call, chain, build)))
         return ChatStream(relay.accumulator.request, call.attempts, relay)
 
     def achat_stream(
@@ -411,7 +434,42 @@ class LLM:
         call, chain, build = self._prepare("stream", True, messages, model, options)
         request = call.request
         assert isinstance(request, ChatRequest)
-        return AsyncChatStream(request, call.attempts, lambda: self.pipeline.open_stream(call, chain, build))
+        return AsyncChatStream(
+            request, call.attempts, lambda: _masked(call, self.pipeline.open_stream(call, chain, build))
+        )
+
+    def run(
+        self,
+        messages: Any,
+        model: str | None = None,
+        *,
+        tools: Sequence[Callable[..., Any]],
+        max_rounds: int = 5,
+        **options: Any,
+    ) -> RunResponse:
+        """Ask the model, run the tools it calls, and loop until it answers (at most ``max_rounds``
+        model calls): the final answer with ``messages`` (the transcript) and the usage of every
+        round. Each round is a ``chat()`` with ``options`` (see :mod:`app.llm.tools_runner`)."""
+        from app.llm.tools_runner import check_max_rounds, check_sync_run, prepare_tools, tool_loop
+
+        prepared, rounds = prepare_tools(tools), check_max_rounds(max_rounds)
+        check_sync_run(prepared)
+        return run_sync(tool_loop(self, messages, model, prepared, rounds, options))
+
+    async def arun(
+        self,
+        messages: Any,
+        model: str | None = None,
+        *,
+        tools: Sequence[Callable[..., Any]],
+        max_rounds: int = 5,
+        **options: Any,
+    ) -> RunResponse:
+        """:meth:`run` on the event loop: async tools awaited, sync ones run in a worker thread."""
+        from app.llm.tools_runner import check_max_rounds, prepare_tools, tool_loop
+
+        prepared, rounds = prepare_tools(tools), check_max_rounds(max_rounds)
+        return await run_async(tool_loop(self, messages, model, prepared, rounds, options))
 
     def embed(
         self,
@@ -420,9 +478,10 @@ class LLM:
         *,
         user: str | None = None,
         tenant: str | None = None,
+        api_key: str | None = None,
     ) -> list[list[float]]:
-        call, build = self._prepare_embed(inputs, model, user, tenant, is_async=False)
-        return run_sync(self.pipeline.embed(call, build)).vectors
+        call, build = self._prepare_embed(inputs, model, user, tenant, api_key, is_async=False)
+        return run_sync(_masked(call, self.pipeline.embed(call, build))).vectors
 
     async def aembed(
         self,
@@ -431,9 +490,10 @@ class LLM:
         *,
         user: str | None = None,
         tenant: str | None = None,
+        api_key: str | None = None,
     ) -> list[list[float]]:
-        call, build = self._prepare_embed(inputs, model, user, tenant, is_async=True)
-        return (await run_async(self.pipeline.embed(call, build))).vectors
+        call, build = self._prepare_embed(inputs, model, user, tenant, api_key, is_async=True)
+        return (await run_async(_masked(call, self.pipeline.embed(call, build)))).vectors
 
     def _prepare_embed(
         self,
@@ -441,6 +501,7 @@ class LLM:
         model: str | None,
         user: str | None,
         tenant: str | None,
+        api_key: str | None = None,
         *,
         is_async: bool,
     ) -> tuple[LLMCall, Build]:
@@ -455,7 +516,17 @@ class LLM:
                 provider=provider_name,
                 model=model_name,
             )
-        first = self.provider(provider_name), EmbedRequest(provider_name, model_name, list(inputs))
+        try:
+            key = per_call_key(api_key)
+            provider = self.provider(provider_name)
+            request = EmbedRequest(provider_name, model_name, list(inputs), api_key=key)
+            if key is not None:
+                provider.check_api_key(request)
+        except LLMBadRequestError as exc:  # the layer's own checks: add provider and model
+            raise LLMBadRequestError(
+                exc.message, field=exc.field, provider=provider_name, model=model_name
+            ) from None
+        first = provider, request
         call = LLMCall("embed", provider_name, model_name, first[1], user, tenant, is_async)
         return call, lambda _address: first
 
@@ -499,6 +570,46 @@ class LLM:
         app = self._app()
         assert app is not None
         return OllamaManager.for_app(app)
+
+
+def _masked(call: LLMCall, flow: Flow[T]) -> Flow[T]:
+    """``flow``, with each of its steps run with the call's own key masked (when it has one).
+
+    A per-call key is not registered process-wide (there may be one per tenant), so what
+    the SDKs log while they send it (an upstream that echoes it in a header, at DEBUG)
+    is masked by :func:`app.redaction.masking`, set around each step in the caller's
+    context; errors are masked where they are mapped (:meth:`LLM._map_keyed_error`).
+    """
+    key = call.request.api_key
+    if key is None:
+        return flow
+    return _masking_steps(flow, key.reveal())
+
+
+def _masking_steps(flow: Flow[T], key: str) -> Flow[T]:
+    try:
+        step = next(flow)
+        while True:
+            try:
+                result = yield Step(
+                    partial(_masked_sync, key, step.sync), partial(_masked_async, key, step.async_)
+                )
+            except BaseException as exc:  # the flow decides, as the drivers let it
+                step = flow.throw(exc)
+            else:
+                step = flow.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def _masked_sync(key: str, run: Callable[[], T]) -> T:
+    with masking(key):
+        return run()
+
+
+async def _masked_async(key: str, run: Callable[[], Awaitable[T]]) -> T:
+    with masking(key):
+        return await run()
 
 
 def init_app(app: Flask) -> None:
