@@ -101,6 +101,12 @@ DEFAULTS: dict[str, Any] = {
     "LLM_SSE_HEARTBEAT": 15.0,
     "LLM_MODELS": None,
     "LLM_DROP_UNSUPPORTED": False,
+    # The response cache (app.llm.cache.settings documents each).
+    "LLM_CACHE": None,
+    "LLM_CACHE_TTL": 3600.0,
+    "LLM_CACHE_MAX_BYTES": 64 * 1024 * 1024,
+    "LLM_CACHE_DIR": None,
+    "LLM_CACHE_WAIT": 30.0,
     "HEALTH_CHECK_TIMEOUT": 2.0,
     "HEALTH_OPTIONAL_SERVICES": "",
     "HEALTH_REQUIRED_SERVICES": "",

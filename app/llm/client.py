@@ -40,6 +40,7 @@ from app.redaction import masking, scrub_exception
 if TYPE_CHECKING:
     from redis import Redis
 
+    from app.connectors.redis_gate import RedisGate
     from app.llm.media import ImageResponse, MediaCalls
     from app.llm.ollama import OllamaManager
     from app.llm.pipeline import Build, Pipeline
@@ -88,6 +89,9 @@ class CallOptions(TypedDict, total=False):
     extra: Mapping[str, Any] | None
     #: The caller's own provider key for this call (bring your own key), over the profile's pool.
     api_key: str | None
+    #: The response cache for this call: False (skip it), True, or seconds to keep the answer
+    #: (None: LLM_POLICY's ``cache`` entry, else on with LLM_CACHE_TTL when LLM_CACHE is set).
+    cache: bool | float | None
 
 
 _CALL_OPTIONS = frozenset(CallOptions.__annotations__)
@@ -121,6 +125,7 @@ class LLM:
         self.resilience = resilience
         self.hooks = HookChain(hooks)
         self._guards: Guards | None = None
+        self._redis_gate: RedisGate | None = None
         self._pipeline: Pipeline | None = None
         self._providers: dict[str, Provider] = {}
         self._custom: dict[str, Callable[[str], Provider]] = {}
@@ -140,13 +145,26 @@ class LLM:
         """
         guards = self._guards
         if guards is None:
+            gate = self.redis_gate
             with self._lock:
                 if self._guards is None:
-                    app = self._app()
-                    assert app is not None
-                    self._guards = _build_guards(app, self.resilience)
+                    self._guards = _build_guards(self.resilience, gate)
                 guards = self._guards
         return guards
+
+    @property
+    def redis_gate(self) -> RedisGate:
+        """The app's one Redis gate (app.connectors.redis_gate): breakers, rate limits, the response
+        cache and the JSON helpers use Redis through it, so they fail open together."""
+        gate = self._redis_gate
+        if gate is None:
+            with self._lock:
+                if self._redis_gate is None:
+                    app = self._app()
+                    assert app is not None
+                    self._redis_gate = _build_gate(app)
+                gate = self._redis_gate
+        return gate
 
     @property
     def pipeline(self) -> Pipeline:
@@ -390,8 +408,16 @@ class LLM:
             return first if address == chain[0] else self._fits(*self._request(messages, address, options))
 
         request = first[1]
+        cache = options.get("cache")
         call = LLMCall(
-            kind, request.provider, request.model, request, request.user, options.get("tenant"), is_async
+            kind,
+            request.provider,
+            request.model,
+            request,
+            request.user,
+            options.get("tenant"),
+            is_async,
+            cache if cache is None else _cache_option(cache, request),
         )
         return call, chain, build
 
@@ -479,8 +505,9 @@ class LLM:
         user: str | None = None,
         tenant: str | None = None,
         api_key: str | None = None,
+        cache: bool | float | None = None,
     ) -> list[list[float]]:
-        call, build = self._prepare_embed(inputs, model, user, tenant, api_key, is_async=False)
+        call, build = self._prepare_embed(inputs, model, user, tenant, api_key, is_async=False, cache=cache)
         return run_sync(_masked(call, self.pipeline.embed(call, build))).vectors
 
     async def aembed(
@@ -491,8 +518,9 @@ class LLM:
         user: str | None = None,
         tenant: str | None = None,
         api_key: str | None = None,
+        cache: bool | float | None = None,
     ) -> list[list[float]]:
-        call, build = self._prepare_embed(inputs, model, user, tenant, api_key, is_async=True)
+        call, build = self._prepare_embed(inputs, model, user, tenant, api_key, is_async=True, cache=cache)
         return (await run_async(_masked(call, self.pipeline.embed(call, build)))).vectors
 
     def _prepare_embed(
@@ -504,6 +532,7 @@ class LLM:
         api_key: str | None = None,
         *,
         is_async: bool,
+        cache: bool | float | None = None,
     ) -> tuple[LLMCall, Build]:
         address = model or self.default_model
         if not address:
@@ -527,7 +556,9 @@ class LLM:
                 exc.message, field=exc.field, provider=provider_name, model=model_name
             ) from None
         first = provider, request
-        call = LLMCall("embed", provider_name, model_name, first[1], user, tenant, is_async)
+        if cache is not None:
+            cache = _cache_option(cache, first[1])
+        call = LLMCall("embed", provider_name, model_name, first[1], user, tenant, is_async, cache)
         return call, lambda _address: first
 
     def list_models(self, provider: str) -> list[str]:
@@ -570,6 +601,18 @@ class LLM:
         app = self._app()
         assert app is not None
         return OllamaManager.for_app(app)
+
+
+def _cache_option(value: Any, request: ChatRequest | EmbedRequest) -> bool | float:
+    """A call's ``cache=``, checked like its other keywords (a 400 naming ``cache``)."""
+    from app.llm.cache.settings import check_cache_option
+
+    try:
+        checked = check_cache_option(value)
+    except LLMBadRequestError as exc:
+        raise LLMBadRequestError(exc.message, field="cache", **request.context()) from None
+    assert checked is not None
+    return checked
 
 
 def _masked(call: LLMCall, flow: Flow[T]) -> Flow[T]:
@@ -628,6 +671,8 @@ def init_app(app: Flask) -> None:
     if EXTENSION_KEY in app.extensions:
         raise RuntimeError(f"app.llm.init_app() was already called on app {app.name!r}")
     hooks: list[LLMHook] = [CallLogHook()] if get_bool(app.config, "LLM_CALL_LOG") else []
+    cache = _cache_hook(app)  # first to decide: a hit makes no request and asks no other hook
+    hooks += [cache] if cache is not None else []
     hooks += load_hooks(_hook_paths(app.config.get("LLM_HOOKS")))
     app.extensions[EXTENSION_KEY] = LLM(
         app,
@@ -637,6 +682,18 @@ def init_app(app: Flask) -> None:
         Catalogue(parse_overrides(app.config.get("LLM_MODELS"))),
         drop_unsupported=get_bool(app.config, "LLM_DROP_UNSUPPORTED"),
     )
+
+
+def _cache_hook(app: Flask) -> LLMHook | None:
+    """The response cache of LLM_CACHE (app.llm.cache), or None when it is unset; checked now."""
+    from app.llm.cache.settings import parse_cache_settings
+
+    settings = parse_cache_settings(app.config, app.instance_path)
+    if settings is None:
+        return None
+    from app.llm.cache.wiring import response_cache
+
+    return response_cache(app, settings)
 
 
 def _hook_paths(value: Any) -> list[str]:
@@ -650,15 +707,21 @@ def _hook_paths(value: Any) -> list[str]:
     raise ConfigError(f"LLM_HOOKS must be a list of 'module:attribute' strings, got {type(value).__name__}")
 
 
-def _build_guards(app: Flask, settings: ResilienceSettings) -> Guards:
+def _build_guards(settings: ResilienceSettings, gate: RedisGate) -> Guards:
     """The app's resilience state: breakers and rate limits in Redis when REDIS_URL is set."""
-    from app.connectors.redis_connector import EXTENSION_KEY as REDIS_KEY
-    from app.connectors.redis_connector import RedisConnector
-    from app.connectors.redis_gate import RedisGate
     from app.llm.resilience.breaker import CircuitBreakers
     from app.llm.resilience.bulkhead import Bulkheads
     from app.llm.resilience.executor import Guards
     from app.llm.resilience.ratelimit import RateLimiter
+
+    return Guards(settings, CircuitBreakers(gate), RateLimiter(gate), Bulkheads())
+
+
+def _build_gate(app: Flask) -> RedisGate:
+    """The app's Redis gate, on the Redis connector's client (one per app: its users fail open together)."""
+    from app.connectors.redis_connector import EXTENSION_KEY as REDIS_KEY
+    from app.connectors.redis_connector import RedisConnector
+    from app.connectors.redis_gate import RedisGate
 
     app_ref = weakref.ref(app)
 
@@ -671,8 +734,7 @@ def _build_guards(app: Flask, settings: ResilienceSettings) -> Guards:
         connector = redis_connector()
         return connector.client() if connector is not None else None
 
-    gate = RedisGate(redis_client)  # one per app: breakers and rate limits fail open together
-    return Guards(settings, CircuitBreakers(gate), RateLimiter(gate), Bulkheads())
+    return RedisGate(redis_client)
 
 
 def get_llm() -> LLM:

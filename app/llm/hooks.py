@@ -65,6 +65,7 @@ class LLMCall:
         "_id",
         "_metadata",
         "attempts",
+        "cache",
         "first_delta_at",
         "is_async",
         "kind",
@@ -86,6 +87,7 @@ class LLMCall:
         user: str | None = None,
         tenant: str | None = None,
         is_async: bool = False,
+        cache: bool | float | None = None,
     ) -> None:
         self.kind = kind
         self.provider = provider
@@ -95,6 +97,8 @@ class LLMCall:
         self.user = user
         self.tenant = tenant
         self.is_async = is_async
+        #: The call's ``cache=`` (False, True or seconds to keep the answer; None: the settings decide).
+        self.cache = cache
         #: Wall-clock start, for records; ``started`` is ``perf_counter()``, for durations.
         self.started_at = time.time()
         self.started = time.perf_counter()
