@@ -66,9 +66,11 @@ def run_step(job_id: str) -> str:
                 return "missing"
             if job.final:
                 return job.status
-            if job.kind == "image":
-                return _image(job)
-            return _video(job)
+            try:
+                return _image(job) if job.kind == "image" else _video(job)
+            except Cancelled:
+                logger.info("job %s: cancelled while a step ran", job_id)
+                return "cancelled"
     finally:
         try:
             lease.release(job_id, token)
@@ -101,7 +103,14 @@ def _renewing(job_id: str, token: str) -> Iterator[None]:
         thread.join(timeout=1)
 
 
+class Cancelled(Exception):
+    """The job was cancelled while this step ran: the step stops, and writes nothing more."""
+
+
 def _save(job: Job, **changes: Any) -> None:
+    db.session.refresh(job, ["status"])
+    if job.status == "cancelled":
+        raise Cancelled
     with transaction():
         for name, value in changes.items():
             setattr(job, name, value)
