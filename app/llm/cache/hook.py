@@ -64,6 +64,15 @@ class _Pending:
         self.token = token
 
 
+class _Waiting:
+    """A call that found an identical one in flight in this process: what it waits on."""
+
+    __slots__ = ("flight", "model", "name", "ttl")
+
+    def __init__(self, name: str, ttl: float, model: str, flight: Flight) -> None:
+        self.name, self.ttl, self.model, self.flight = name, ttl, model, flight
+
+
 class ResponseCache(LLMHook):
     """The cache of one app: its store, settings, in-process flights and counts."""
 
@@ -98,20 +107,11 @@ class ResponseCache(LLMHook):
     # --- the hook ------------------------------------------------------------------
 
     def before_call(self, call: LLMCall) -> ChatResponse | EmbedResponse | None:
-        if call.kind not in CACHED_KINDS:
-            return None
-        ttl = ttl_for(call.cache, self._policy(call.provider, call.model), self.settings.ttl)
-        if ttl is None:
-            return None
-        name = self.name_of(call)
-        store = self.store
-        data = store.get(name)
-        if data is not None:
-            hit = self._decoded(call, name, data)
-            if hit is not None:
-                self._count(hit=True)
-                return hit
-        return self._missed(call, store, name, ttl)
+        looked = self._look_up(call)
+        if not isinstance(looked, _Waiting):
+            return looked
+        looked.flight.wait(self.settings.wait)
+        return self._after_waiting(call, looked)
 
     def after_call(self, call: LLMCall, response: ChatResponse | EmbedResponse) -> None:
         pending = self._take(call)
@@ -137,7 +137,11 @@ class ResponseCache(LLMHook):
     # Async calls: the store's I/O and a flight's wait happen in a worker thread, not on the loop.
 
     async def abefore_call(self, call: LLMCall) -> ChatResponse | EmbedResponse | None:
-        return await asyncio.to_thread(self.before_call, call)
+        looked = await asyncio.to_thread(self._look_up, call)
+        if not isinstance(looked, _Waiting):
+            return looked
+        await looked.flight.await_(self.settings.wait)  # on the loop: no thread held while waiting
+        return await asyncio.to_thread(self._after_waiting, call, looked)
 
     async def aafter_call(self, call: LLMCall, response: ChatResponse | EmbedResponse) -> None:
         await asyncio.to_thread(self.after_call, call, response)
@@ -172,21 +176,26 @@ class ResponseCache(LLMHook):
 
     # --- single flight --------------------------------------------------------------------
 
-    def _missed(
-        self, call: LLMCall, store: Store, name: str, ttl: float
-    ) -> ChatResponse | EmbedResponse | None:
+    def _look_up(self, call: LLMCall) -> ChatResponse | EmbedResponse | _Waiting | None:
+        """A hit; None (call the provider: a miss, or this call does not use the cache); or a
+        :class:`_Waiting`: an identical call of this process is in flight, wait for it."""
+        if call.kind not in CACHED_KINDS:
+            return None
+        ttl = ttl_for(call.cache, self._policy(call.provider, call.model), self.settings.ttl)
+        if ttl is None:
+            return None
+        name = self.name_of(call)
+        store = self.store
+        data = store.get(name)
+        if data is not None:
+            hit = self._decoded(call, name, data)
+            if hit is not None:
+                self._count(hit=True)
+                return hit
         model = f"{call.provider}/{call.model}"
         flight, leads = self.flights.join(name)
         if not leads:
-            flight.done.wait(self.settings.wait)
-            if flight.entry is not None:
-                hit = self._decoded(call, name, flight.entry)
-                if hit is not None:
-                    self._count(hit=True)
-                    return hit
-            self._count(hit=False)  # the leader failed or is too slow: call, and store the answer too
-            call.metadata[PENDING] = _Pending(name, ttl, model, None, NO_LOCK)
-            return None
+            return _Waiting(name, ttl, model, flight)
         token = store.lock(name, self.settings.wait) if store.shared else NO_LOCK
         if token is None:  # another process is calling: wait for its answer in the store
             data = self._poll(store, name)
@@ -199,6 +208,18 @@ class ResponseCache(LLMHook):
             token = store.lock(name, self.settings.wait) or NO_LOCK  # it failed, or ran out of time
         self._count(hit=False)
         call.metadata[PENDING] = _Pending(name, ttl, model, flight, token)
+        return None
+
+    def _after_waiting(self, call: LLMCall, waiting: _Waiting) -> ChatResponse | EmbedResponse | None:
+        """The leader's answer; or None, to call for itself (the leader failed, or is too slow)."""
+        entry = waiting.flight.entry
+        if entry is not None:
+            hit = self._decoded(call, waiting.name, entry)
+            if hit is not None:
+                self._count(hit=True)
+                return hit
+        self._count(hit=False)  # its answer is stored too
+        call.metadata[PENDING] = _Pending(waiting.name, waiting.ttl, waiting.model, None, NO_LOCK)
         return None
 
     def _poll(self, store: Store, name: str) -> bytes | None:
