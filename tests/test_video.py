@@ -209,3 +209,17 @@ def test_post_videos_refuses_a_bad_body_by_field(video_app, gemini, body, field)
     answer = client.post("/api/videos", headers=api_key_headers(video_app), json=body)
     assert answer.status_code == 400 and answer.json["error"]["field"] == field, answer.json
     assert gemini.server.requests == []
+
+
+def test_the_readme_example_runs_as_written(video_app, gemini):
+    from tests.readme import python_blocks
+
+    (example,) = python_blocks("Jobs and media")
+    namespace: dict = {}
+    with video_app.app_context():
+        exec(compile(example, "README.md", "exec"), namespace)
+    r = namespace["r"]
+    assert (r.usage.unit, r.usage.quantity, r.cost) == ("image", 2, Decimal("0.08"))
+    assert wait_until_final(video_app, namespace["job_id"])["status"] == "succeeded"
+    with video_app.app_context():
+        assert get_job(namespace["job_id"]).tenant == "acme"
