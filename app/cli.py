@@ -125,5 +125,8 @@ def info_command() -> None:
                     "yes" if info["client_built"] else "no",
                 )
             )
+    from app.llm.cache.cli import services_row  # the response cache's back end (LLM_CACHE)
+
+    rows.append(services_row())
     headers = ("SERVICE", "CONFIGURED", "ENDPOINT", "TIMEOUTS", "RETRIES", "CLIENT BUILT")
     click.echo(redact(_table(headers, rows)))

@@ -293,3 +293,8 @@ def breakers_command() -> None:
     click.echo(_table(("MODEL", "STATE", "FAILURES", "OPEN FOR", "BACKEND"), rows))
     if unreachable:
         sys.exit(1)
+
+
+from app.llm.cache.cli import cache_cli  # noqa: E402 (flask llm cache stats|clear, app/llm/cache/cli.py)
+
+llm_cli.add_command(cache_cli)
