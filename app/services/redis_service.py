@@ -1,4 +1,4 @@
-"""The Redis client for views and commands."""
+"""The Redis client for views and commands, and JSON values with a TTL that fail open (``redis_json``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from app.connectors.redis_connector import (
 if TYPE_CHECKING:
     from redis import Redis
 
-__all__ = ["get_redis_client", "init_app", "reset_redis_client"]
+from app.services.redis_json import cached, get_json, set_json  # JSON values, fail-open, through the gate
+
+__all__ = ["cached", "get_json", "get_redis_client", "init_app", "reset_redis_client", "set_json"]
 
 
 def init_app(app: Flask) -> None:
