@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
-from sqlalchemy import DateTime, String, select
+from sqlalchemy import DateTime, String, false, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -70,6 +70,8 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime())
     expires_at: Mapped[datetime | None] = mapped_column(DateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime())
+    #: Sees every user's and tenant's usage on ``GET /api/usage`` (others see their own).
+    admin: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     def status(self, now: datetime) -> str:
         if self.revoked_at is not None:
@@ -90,6 +92,7 @@ class ApiCaller:
     tpm: int | None
     #: A public handle for the key's quota counters (a prefix of its hash, never the key).
     bucket: str
+    admin: bool = False
 
 
 class NewApiKey(NamedTuple):
@@ -142,6 +145,7 @@ def create_api_key(
     rpm: int | None = None,
     tpm: int | None = None,
     expires_at: datetime | None = None,
+    admin: bool = False,
 ) -> NewApiKey:
     """Make a key (in the current app's database) and return it: the only time it exists in clear."""
     name = _check_name(name, "name")
@@ -162,6 +166,7 @@ def create_api_key(
         tpm=tpm,
         created_at=_utcnow(),
         expires_at=expires_at,
+        admin=admin,
     )
     with transaction() as session:
         session.add(row)
@@ -198,7 +203,7 @@ def caller_for_key(key: str | None) -> ApiCaller:
     status = row.status(_utcnow())
     if status != "active":
         raise ApiKeyError(f"the API key is {status}")
-    return ApiCaller(row.id, row.name, row.tenant, row.rpm, row.tpm, digest[:16])
+    return ApiCaller(row.id, row.name, row.tenant, row.rpm, row.tpm, digest[:16], bool(row.admin))
 
 
 def auth_required(app: Flask) -> bool:
@@ -277,8 +282,9 @@ def _when(value: datetime | None) -> str:
     type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
     help="When the key stops working, in UTC (a date alone: its midnight).",
 )
+@click.option("--admin", is_flag=True, help="The key sees every user's usage on GET /api/usage.")
 def create_command(
-    name: str, tenant: str | None, rpm: int | None, tpm: int | None, expires: datetime | None
+    name: str, tenant: str | None, rpm: int | None, tpm: int | None, expires: datetime | None, admin: bool
 ) -> None:
     """Create a key for NAME and print it, once: only its keyed hash is stored.
 
@@ -286,13 +292,13 @@ def create_command(
     what was made to standard error.
     """
     try:
-        created = create_api_key(name, tenant=tenant, rpm=rpm, tpm=tpm, expires_at=expires)
+        created = create_api_key(name, tenant=tenant, rpm=rpm, tpm=tpm, expires_at=expires, admin=admin)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
         f"created API key {created.id} for {name.strip()!r}"
         f"{f' (tenant {tenant!r})' if tenant else ''}: rpm {_describe(rpm, 'API_DEFAULT_RPM')},"
-        f" tpm {_describe(tpm, 'API_DEFAULT_TPM')}, expires {_when(expires)}."
+        f" tpm {_describe(tpm, 'API_DEFAULT_TPM')}, expires {_when(expires)}{', admin' if admin else ''}."
         " The key is shown only now; it cannot be recovered.",
         err=True,
     )

@@ -101,6 +101,15 @@ DEFAULTS: dict[str, Any] = {
     "LLM_SSE_HEARTBEAT": 15.0,
     "LLM_MODELS": None,
     "LLM_DROP_UNSUPPORTED": False,
+    # Usage ledger and budgets (app.llm.usage.settings documents each).
+    "LLM_USAGE_LEDGER": True,
+    "LLM_USAGE_BUFFER": 10_000,
+    "LLM_USAGE_BATCH": 500,
+    "LLM_USAGE_FLUSH_INTERVAL": 1.0,
+    "LLM_BUDGETS": None,
+    "LLM_BUDGET_MAX_RESERVE_USD": None,
+    "LLM_BUDGET_UNKNOWN_PRICE": "refuse",
+    "LLM_BUDGET_RESERVATION_TTL": 300.0,
     # The response cache (app.llm.cache.settings documents each).
     "LLM_CACHE": None,
     "LLM_CACHE_TTL": 3600.0,

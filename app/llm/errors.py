@@ -26,6 +26,7 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from app.redaction import redact, redact_url, scrub_exception
@@ -200,6 +201,32 @@ class LLMBulkheadFullError(LLMError):
 
     http_status = 503
     kind = "bulkhead_full"
+
+
+class LLMBudgetExceededError(LLMError):
+    """A budget (``LLM_BUDGETS``) has no room for this call: refused before any request.
+
+    ``budget`` names it (``user:alice``, ``tenant:acme``, ``global``), ``window`` says
+    which of its limits (``daily`` or ``monthly``), and ``retry_after`` is the time
+    until that window resets (or a second, when only calls in flight hold the room).
+    """
+
+    http_status = 429
+    kind = "budget_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget: str,
+        window: str | None = None,
+        limit_usd: Decimal | None = None,
+        **context: Any,
+    ) -> None:
+        super().__init__(message, **context)
+        self.budget = budget
+        self.window = window
+        self.limit_usd = limit_usd
 
 
 class LLMMaxRoundsError(LLMError):
