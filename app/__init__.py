@@ -60,6 +60,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(probes.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(import_module("app.usage_api").bp)  # GET /api/usage
     for blueprint in views.blueprints:
         app.register_blueprint(blueprint)
     app.cli.add_command(services_cli)

@@ -347,7 +347,9 @@ _SUMMARIES = {
     "upstream_rejected": "{where} rejected the request{status}: {detail}",
 }
 #: Kinds whose message the layer wrote for the caller (nothing of the provider's in it).
-_OWN_WORDS = frozenset({"invalid_request", "not_configured", "circuit_open", "bulkhead_full"})
+_OWN_WORDS = frozenset(
+    {"invalid_request", "not_configured", "circuit_open", "bulkhead_full", "budget_exceeded"}
+)
 #: What a provider's message is when it has no explanation of its own.
 _NO_DETAIL = re.compile(r"^(?:HTTP|Error code:?)\s*\d{3}\s*$", re.IGNORECASE)
 

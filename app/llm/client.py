@@ -682,6 +682,9 @@ def init_app(app: Flask) -> None:
         Catalogue(parse_overrides(app.config.get("LLM_MODELS"))),
         drop_unsupported=get_bool(app.config, "LLM_DROP_UNSUPPORTED"),
     )
+    from app.llm.usage import install  # last: ledger and budgets see a call no hook answered (a cache hit)
+
+    install(app, app.extensions[EXTENSION_KEY])
 
 
 def _cache_hook(app: Flask) -> LLMHook | None:
