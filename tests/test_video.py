@@ -45,7 +45,9 @@ class Ledger(LLMHook):
         self.seen.append(("before", call.kind, call.id))
 
     def after_call(self, call, response):
-        self.seen.append(("after", call.kind, call.id, response.usage.unit, response.usage.quantity, response.cost))
+        self.seen.append(
+            ("after", call.kind, call.id, response.usage.unit, response.usage.quantity, response.cost)
+        )
 
     def on_error(self, call, error):
         self.seen.append(("error", call.kind, call.id, type(error).__name__))
@@ -67,8 +69,10 @@ def test_a_video_job_submits_once_polls_and_downloads_into_storage(video_app, ge
     gemini.polls_until_done = 2
     with video_app.app_context():
         get_llm().add_hook(ledger)
-        job_id = get_llm().generate_video("a fox in snow", model=VEO, duration_seconds=6, aspect_ratio="16:9",
-                                          resolution="720p", negative_prompt="people", tenant="acme")  # fmt: skip
+        job_id = get_llm().generate_video(
+            "a fox in snow", model=VEO, duration_seconds=6, aspect_ratio="16:9", resolution="720p",
+            negative_prompt="people", tenant="acme",
+        )  # fmt: skip
     job = wait_until_final(video_app, job_id)
     assert job["status"] == "succeeded", job
     assert job["usage"] == {"unit": "second", "quantity": 6.0, "cost": "2.400000"}
@@ -95,7 +99,10 @@ def test_a_video_job_submits_once_polls_and_downloads_into_storage(video_app, ge
         assert "files/" in str(row.result) or row.pending_files is None
         assert "https://" not in repr(row.as_dict()) and "key" not in str(row.pending_files)
     call_id = ledger.seen[0][2]
-    assert ledger.seen == [("before", "video", call_id), ("after", "video", call_id, "second", 6, Decimal("2.4"))]
+    assert ledger.seen == [
+        ("before", "video", call_id),
+        ("after", "video", call_id, "second", 6, Decimal("2.4")),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -155,7 +162,7 @@ def test_a_submit_sent_by_a_step_that_died_is_never_sent_again(video_app, gemini
 def test_a_timeout_on_submit_is_not_retried_by_the_policy(make_app, gemini):
     app = make_app(GEMINI_API_KEY=CANARY_GEMINI_KEY, GENAI_BASE_URL=gemini.base_url, LLM_MAX_RETRIES=2,
                    LLM_ATTEMPT_TIMEOUT=1, LLM_BACKOFF_BASE=0.01)  # fmt: skip
-    release, arrived = gemini.gate("submit")
+    release, _arrived = gemini.gate("submit")
     with app.app_context():
         db.create_all()
         job_id = get_llm().generate_video("a slow start", model=VEO)
