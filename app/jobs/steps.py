@@ -120,16 +120,19 @@ def _save(job: Job, **changes: Any) -> None:
 def _fail(
     job: Job, kind: str, message: str, *, settle: LLMError | None = None, cost: Decimal | None = None
 ) -> str:
-    """Final failure, redacted; ``settle``: the error the hooks' on_error sees (the job's end)."""
-    _save(job, status="failed", error_kind=kind, error_message=redact(message)[:2000], finished_at=utcnow(),
-          phase=None, cost=cost)  # fmt: skip
-    logger.info("job %s failed: %s", job.id, kind)
+    """Final failure, redacted; ``settle``: the error the hooks' on_error sees (the job's end).
+
+    The hooks run first, so that a job seen as ended has been booked.
+    """
     if settle is not None:
         from app.llm import get_llm
 
         media = get_llm().media
         request, _adapter = _video_request(job)
         media.settle(media.video_call(request, call_id=job.call_id, user=job.user, tenant=job.tenant), settle)
+    _save(job, status="failed", error_kind=kind, error_message=redact(message)[:2000], finished_at=utcnow(),
+          phase=None, cost=cost)  # fmt: skip
+    logger.info("job %s failed: %s", job.id, kind)
     return "failed"
 
 
@@ -350,11 +353,11 @@ def _succeed(job: Job, media: list[str]) -> str:
     calls = get_llm().media
     seconds = (request.duration_seconds or DEFAULT_VIDEO_SECONDS) * len(media)
     usage = calls.video_usage(request, seconds)
+    call = calls.video_call(request, call_id=job.call_id, user=job.user, tenant=job.tenant)
+    calls.settle(call, VideoResponse(job.provider, job.model, media, usage, job.id))
     _save(job, status="succeeded", phase=None, progress=100, pending_files=None,
           result={"media": media, "filtered": []}, usage_unit=usage.unit,
           usage_quantity=Decimal(str(usage.quantity)), cost=usage.cost, finished_at=utcnow())  # fmt: skip
-    call = calls.video_call(request, call_id=job.call_id, user=job.user, tenant=job.tenant)
-    calls.settle(call, VideoResponse(job.provider, job.model, media, usage, job.id))
     return "succeeded"
 
 
