@@ -182,3 +182,25 @@ def test_media_prices_from_settings(make_app, gemini):
         from app.llm import get_llm
 
         assert get_llm().generate_image("x", model=IMAGEN, n=2).cost == Decimal("1.0")
+
+
+def test_the_migration_makes_the_job_table_the_model_describes(tmp_path):
+    """``flask db upgrade`` then ``flask db check``: nothing left to migrate, and one head."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**{k: v for k, v in os.environ.items() if k.startswith(("PATH", "LANG", "COV_", "COVERAGE"))},
+           "SECRET_KEY": "k" * 40, "INSTANCE_PATH": str(tmp_path), "DOTENV_PATH": str(tmp_path / "none"),
+           "DATABASE_URL": f"sqlite:///{tmp_path}/app.db"}  # fmt: skip
+
+    def flask(*args):
+        command = [sys.executable, "-m", "flask", "--app", "wsgi", "db", *args]
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+
+    flask("upgrade")
+    assert "No new upgrade operations detected" in flask("check").stdout
+    heads = flask("heads").stdout.split()
+    assert heads.count("(head)") == 1 and heads[0] == "d93d09aef2fb"
