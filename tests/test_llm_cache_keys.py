@@ -162,6 +162,19 @@ def test_every_field_changes_the_key_but_the_attempts_timeout():
     assert checked >= 40
 
 
+def test_a_calls_key_is_the_canonical_forms_with_its_scope():
+    from app.llm.cache.keys import call_key
+
+    request = base(ChatRequest)
+    for endpoint, kind, tenant in [
+        (None, "chat", None),
+        ("http://h/v1", "stream", "acme"),
+        ("e", "embed", "t\u00e9"),
+    ]:
+        expected = request_key(request, endpoint=endpoint, kind=kind, tenant=tenant)
+        assert call_key(request, endpoint, kind, tenant) == expected
+
+
 def test_the_scope_changes_the_key():
     request = base(ChatRequest)
     keys = {

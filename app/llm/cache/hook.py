@@ -31,7 +31,7 @@ from typing import Any
 
 from app.llm.cache.codec import CorruptEntry, decode, encode
 from app.llm.cache.flight import Flight, Flights
-from app.llm.cache.keys import cache_key
+from app.llm.cache.keys import call_key
 from app.llm.cache.settings import CacheOption, CacheSettings, ttl_for
 from app.llm.cache.store import NO_LOCK, Counts, Store
 from app.llm.errors import LLMError
@@ -42,6 +42,8 @@ logger = logging.getLogger("app.llm.cache")
 
 #: Where a call that missed keeps what ``after_call`` needs, in ``call.metadata``.
 PENDING = "llm.cache"
+_UNSET: Any = object()
+MAX_REMEMBERED_MODELS = 1024
 #: The kinds of call answered from the cache (media calls are not).
 CACHED_KINDS = frozenset({"chat", "stream", "embed"})
 #: Seconds between two looks at a shared store while another worker calls: from, and up to.
@@ -87,6 +89,8 @@ class ResponseCache(LLMHook):
         self._make_store = store
         self._store: Store | None = None
         self._policy = policy
+        #: (provider, model) -> its LLM_POLICY ``cache`` entry: settings fixed at start, read per call.
+        self._policies: dict[tuple[str, str], CacheOption] = {}
         self._endpoints = endpoints
         self._endpoint_of: dict[str, str | None] | None = None
         self._lock = threading.Lock()
@@ -159,9 +163,7 @@ class ResponseCache(LLMHook):
         endpoints = self._endpoint_of
         if endpoints is None:
             endpoints = self._endpoint_of = self._endpoints()
-        key = cache_key(
-            call.request, endpoint=endpoints.get(call.provider), kind=call.kind, tenant=call.tenant
-        )
+        key = call_key(call.request, endpoints.get(call.provider), call.kind, call.tenant)
         return f"{call.provider}/{call.model}:{key}"
 
     def _decoded(self, call: LLMCall, name: str, data: bytes) -> ChatResponse | EmbedResponse | None:
@@ -181,7 +183,13 @@ class ResponseCache(LLMHook):
         :class:`_Waiting`: an identical call of this process is in flight, wait for it."""
         if call.kind not in CACHED_KINDS:
             return None
-        ttl = ttl_for(call.cache, self._policy(call.provider, call.model), self.settings.ttl)
+        target = (call.provider, call.model)
+        policy = self._policies.get(target, _UNSET)
+        if policy is _UNSET:
+            if len(self._policies) >= MAX_REMEMBERED_MODELS:  # model names come from callers: bounded
+                self._policies.clear()
+            policy = self._policies[target] = self._policy(*target)
+        ttl = ttl_for(call.cache, policy, self.settings.ttl)
         if ttl is None:
             return None
         name = self.name_of(call)
