@@ -176,3 +176,33 @@ def test_post_images_refuses_a_bad_body_by_field(media_app, gemini):
         answer = client.post("/api/images", headers=headers, json=body)
         assert answer.status_code == 400 and answer.json["error"]["field"] == field, answer.json
     assert gemini.server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"aspect_ratio": "16:9"}, "aspect_ratio"),
+        ({"seed": 1}, "seed"),
+        ({"size": "999x999"}, "size"),
+        ({"n": 11}, "n"),
+    ],
+)
+def test_openai_images_refuse_what_the_api_cannot_take(make_app, upstream, options, field):
+    app = make_app(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=upstream.url_for("/v1"))
+    with app.app_context(), pytest.raises(LLMBadRequestError) as raised:
+        get_llm().generate_image("a boat", model="openai/gpt-image-1", **options)
+    assert raised.value.field == field and upstream.requests == []
+
+
+def test_dall_e_is_asked_for_base64(make_app, upstream):
+    upstream.script(
+        "/v1/images/generations", {"created": 1, "data": [{"b64_json": base64.b64encode(PNG).decode()}]}
+    )
+    app = make_app(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=upstream.url_for("/v1"))
+    with app.app_context():
+        r = get_llm().generate_image("a boat", model="openai/dall-e-3", aspect_ratio=None)
+    assert upstream.only_request().json["response_format"] == "b64_json" and len(r.images) == 1
+    assert r.cost is None  # no price known for it: never a guess
+    with app.app_context(), pytest.raises(LLMBadRequestError) as raised:
+        get_llm().generate_image("x", model="anthropic/claude-sonnet-4-5")
+    assert raised.value.field == "model"

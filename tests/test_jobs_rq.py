@@ -122,6 +122,13 @@ class Workers:
         _wait(lambda: not any(_alive(pid) for pid in tree), "the killed processes to go", self)
 
     def stop_all(self):
+        last = self.started[-1] if self.started else None
+        if last is not None and last.poll() is None:  # a warm shutdown: its coverage data is written
+            last.send_signal(signal.SIGTERM)
+            try:
+                last.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         for process in self.started:
             if process.poll() is None:
                 try:
@@ -252,3 +259,47 @@ def test_a_video_survives_sigkill_in_each_phase(make_app, gemini, redis, pg_data
         assert logs.count("its step started on a worker that is gone") >= 3, logs  # one per kill
     finally:
         workers.stop_all()
+
+
+# --- recovery, step by step ---------------------------------------------------------------
+
+
+@pytest.fixture
+def rq_app(make_app, gemini, redis):
+    app = make_app(GEMINI_API_KEY=CANARY_GEMINI_KEY, GENAI_BASE_URL=gemini.base_url, REDIS_URL=_url(redis),
+                   JOBS_QUEUE=f"q{uuid.uuid4().hex[:8]}", JOBS_LEASE=1)  # fmt: skip
+    with app.app_context():
+        db.create_all()
+    return app
+
+
+def test_recovery_leaves_queued_and_leased_steps_and_restarts_lost_ones(rq_app):
+    from datetime import timedelta
+
+    from app.jobs import current_jobs, utcnow
+    from app.jobs.recovery import recover_stalled, stalled
+
+    with rq_app.app_context():
+        job = create_image_job("a cat", "gemini/imagen-4.0-generate-001")
+        assert stalled(job) is None  # queued, waiting for a worker
+        backend = current_jobs().backend
+        assert backend.lease.acquire(job.id, "t", 5) and stalled(job) is None  # a step holds it
+        backend.lease.release(job.id, "t")
+        from rq.job import Job as RQJob
+
+        from app.services.redis_service import get_redis_client
+
+        RQJob.fetch(job.queue_job_id, connection=get_redis_client()).delete()
+        assert stalled(job) == "its latest step is gone"
+        assert recover_stalled() == [job.id]
+        job = get_job(job.id)
+        assert job.step == 2 and backend.status(job.queue_job_id) == "queued"
+        # A poll scheduled long ago that no scheduler moved to the queue.
+        backend.cancel(job.queue_job_id)
+        backend.enqueue(job.id, f"{job.id}-3", delay=60)
+        job.queue_job_id, job.next_step_at = f"{job.id}-3", utcnow() - timedelta(seconds=10)
+        db.session.commit()
+        assert stalled(job) == "its scheduled step is overdue (no scheduler took it)"
+        job.next_step_at = utcnow() + timedelta(seconds=30)
+        db.session.commit()
+        assert stalled(job) is None
