@@ -592,3 +592,28 @@ def test_flask_llm_budgets_without_redis_reads_spent_from_the_ledger(make_app, u
 def test_flask_llm_budgets_without_budgets_says_so(make_app):
     result = make_app().test_cli_runner().invoke(args=["llm", "budgets"])
     assert result.exit_code == 0 and "LLM_BUDGETS is not set" in result.output
+
+
+# --- the README ----------------------------------------------------------------------------------------------
+
+
+def test_the_readme_example_runs_as_written(make_app, upstream, redis_server, capsys):
+    """The "Usage and budgets" example with a user's settings: answered with room, refused without."""
+    from tests.readme import python_blocks
+
+    (example,) = python_blocks("Usage and budgets")
+    alice = unique("alice")
+    code = compile(example.replace('"alice"', repr(alice)), "README.md", "exec")
+    upstream.script(CHAT, chat_completion("Paris.", usage=(14, 2)))
+    roomy = budget_app(
+        make_app, upstream, {"user": {"daily_usd": 2}, "tenant:acme": {"monthly_usd": 5000}}, redis_server.url
+    )
+    with roomy.app_context():
+        exec(code, {})
+    assert capsys.readouterr().out == f"Paris. {Decimal('0.0000033')}\n"
+    spent = budget_app(make_app, upstream, {f"user:{alice}": {"daily_usd": 0}}, redis_server.url)
+    with spent.app_context():
+        exec(code, {})
+    budget, window, retry_after = capsys.readouterr().out.split()
+    assert (budget, window) == (f"user:{alice}", "daily") and float(retry_after) > 0
+    assert len(upstream.requests) == 1
