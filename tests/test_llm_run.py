@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import weakref
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -416,3 +417,74 @@ def test_the_readme_example_runs_as_written(app, upstream):
     assert namespace["r"].content == "It is 21 °C in Paris."
     assert upstream.requests[0].headers["authorization"] == "Bearer sk-tenant-0123456789abcdef"
     assert [m["role"] for m in namespace["r"].messages] == ["user", "assistant", "tool", "assistant"]
+
+
+# --- a tool's models are made once per function -----------------------------------------------------
+
+
+class Thermometer:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def read(self, city: str) -> int:
+        """The temperature in a city, by this thermometer."""
+        return 20 + self.offset
+
+
+def test_a_functions_models_are_made_once_and_go_with_it():
+    import gc
+
+    from app.llm import tools_runner
+
+    first, again = tools_runner.runnable(get_weather), tools_runner.runnable(get_weather)
+    assert first.arguments is again.arguments and first.function is get_weather
+
+    def make_closure() -> Callable[..., Any]:
+        def closure_tool(city: str) -> str:
+            """Made per request."""
+            return city
+
+        return closure_tool
+
+    closure = make_closure()
+    tools_runner.runnable(closure)
+    assert closure in tools_runner._shapes
+    alive = weakref.ref(closure)
+    del closure
+    gc.collect()
+    assert alive() is None, "the kept models do not keep a closure alive: its entry goes with it"
+
+    one, two = Thermometer(1), Thermometer(5)
+    a, b = tools_runner.runnable(one.read), tools_runner.runnable(two.read)
+    assert a.arguments is b.arguments and a.spec["parameters"]["required"] == ["city"]
+    assert (a.function("x"), b.function("x")) == (21, 25)
+
+
+def test_bound_methods_are_tools_of_their_own_instance(app, upstream):
+    upstream.script(
+        CHAT,
+        chat_completion(None, tool_calls=[function_call("c1", "read", '{"city": "Paris"}')]),
+        chat_completion("done"),
+    )
+    with app.app_context():
+        r = get_llm().run(USER, model="openai/gpt-4o-mini", tools=[Thermometer(7).read])
+    assert r.messages[2]["content"] == "27"
+    assert upstream.requests[0].json["tools"][0]["function"]["parameters"]["required"] == ["city"]
+
+
+def test_the_cost_is_none_when_a_rounds_is_unknown_and_a_pickled_run_keeps_it(app, upstream):
+    import pickle
+
+    for model in ("my-private-model", "gpt-4o-mini"):
+        upstream.script(
+            CHAT,
+            chat_completion(None, model, tool_calls=[function_call("c1", "get_weather", '{"city": "Oslo"}')]),
+            chat_completion("done", model),
+        )
+    with app.app_context():
+        unknown = get_llm().run(USER, model="openai/my-private-model", tools=[get_weather])
+        known = get_llm().run(USER, model="openai/gpt-4o-mini", tools=[get_weather])
+    assert unknown.cost is None and unknown.input_tokens == 10
+    copy = pickle.loads(pickle.dumps(known))
+    assert isinstance(copy, RunResponse) and copy.cost == known.cost is not None
+    assert copy.messages == known.messages and copy.rounds == 2

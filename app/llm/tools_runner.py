@@ -29,16 +29,18 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from app.llm.errors import LLMBadRequestError, LLMMaxRoundsError
 from app.llm.resilience.steps import Flow, Step
-from app.llm.tools import arguments_model, normalise_tools
+from app.llm.tools import TOOL_NAME, arguments_model, tool_from_function
 from app.llm.types import ChatResponse, ToolCall
 from app.redaction import redact
 
@@ -79,8 +81,7 @@ class RunResponse(ChatResponse):
     responses: list[ChatResponse] = field(default_factory=list, repr=False)
 
 
-@dataclass(frozen=True)
-class RunnableTool:
+class RunnableTool(NamedTuple):
     """A function the model may call: its schema for the model, its arguments model for the answer."""
 
     name: str
@@ -97,25 +98,68 @@ def prepare_tools(tools: Any) -> dict[str, RunnableTool]:
     """The run's tools by name, validated once: each a function with a name the providers take."""
     if isinstance(tools, str | Mapping) or not isinstance(tools, Sequence) or not tools:
         raise LLMBadRequestError("run() needs tools: a non-empty list of functions", field="tools")
+    prepared: dict[str, RunnableTool] = {}
     for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
         if not callable(tool) or isinstance(tool, Mapping | type):
             raise LLMBadRequestError(
-                f"tools[{index}] must be a function: run() calls the tools the model asks for",
-                field=f"tools[{index}]",
+                f"{where} must be a function: run() calls the tools the model asks for", field=where
             )
-    specs = normalise_tools(tools)  # names, uniqueness and schemas, as chat() checks them
-    prepared: dict[str, RunnableTool] = {}
-    for tool, spec in zip(tools, specs, strict=True):
-        parameters = inspect.signature(tool).parameters.values()
-        prepared[spec.name] = RunnableTool(
-            name=spec.name,
-            function=tool,
-            spec={"name": spec.name, "description": spec.description, "parameters": spec.parameters},
-            arguments=arguments_model(tool, forbid_extra=True),
-            positional=tuple(p.name for p in parameters if p.kind is p.POSITIONAL_ONLY),
-            is_async=_is_async(tool),
-        )
+        name = getattr(tool, "__name__", None)
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise LLMBadRequestError(
+                f"{where} has the name {name!r}; a tool name is 1 to 64 letters, digits, _ or -", field=where
+            )
+        if name in prepared:
+            raise LLMBadRequestError(
+                f"{where} repeats the name {name!r}; tool names must be unique", field=where
+            )
+        prepared[name] = runnable(tool)
     return prepared
+
+
+def runnable(tool: Callable[..., Any]) -> RunnableTool:
+    """A function as a tool: its schema and arguments model are made once per function.
+
+    They are two pydantic models, whose making costs more than a call to a local model
+    (about 1 ms), so each is kept for as long as its function lives (weakly: a closure
+    made per request takes its entry with it); every instance's bound method shares one.
+    """
+    function = getattr(tool, "__func__", tool)
+    shapes = _bound_shapes if function is not tool else _shapes
+    try:
+        shape = shapes.get(function)
+    except TypeError:  # not weakly referenceable, or unhashable: made each time
+        return _shape(tool)._replace(function=tool)
+    if shape is None:
+        # Kept without the function: a value that held its key would keep it alive.
+        shape = _shape(tool)._replace(function=_unset)
+        with _shapes_lock:
+            shapes[function] = shape
+    return shape._replace(function=tool)
+
+
+def _shape(tool: Callable[..., Any]) -> RunnableTool:
+    spec = tool_from_function(tool)
+    parameters = inspect.signature(tool).parameters.values()
+    return RunnableTool(
+        name=spec.name,
+        function=tool,
+        spec={"name": spec.name, "description": spec.description, "parameters": spec.parameters},
+        arguments=arguments_model(tool, forbid_extra=True),
+        positional=tuple(p.name for p in parameters if p.kind is p.POSITIONAL_ONLY),
+        is_async=_is_async(tool),
+    )
+
+
+def _unset() -> None:
+    """Where a kept shape's function would be."""
+
+
+_shapes: weakref.WeakKeyDictionary[Any, RunnableTool] = weakref.WeakKeyDictionary()
+#: Bound methods by their function: a method bound to another instance has the same shape.
+_bound_shapes: weakref.WeakKeyDictionary[Any, RunnableTool] = weakref.WeakKeyDictionary()
+_shapes_lock = threading.Lock()
 
 
 def check_max_rounds(value: Any) -> int:
@@ -210,19 +254,24 @@ def summed(
 ) -> RunResponse:
     """``final`` with the usage and cost of every round, and the transcript."""
     values = {f.name: getattr(final, f.name) for f in fields(ChatResponse) if f.init and f.name != "cost"}
-    values["pricing"] = None
+    values["pricing"] = partial(_summed_cost, tuple(responses))  # worked out when first read, as a call's
     for name in USAGE_FIELDS:
         counts = [getattr(r, name) for r in responses if getattr(r, name) is not None]
         values[name] = sum(counts) if counts else None
     values["attempts"] = [attempt for r in responses for attempt in r.attempts]
     values["latency_ms"] = (time.perf_counter() - started) * 1000
-    result = RunResponse(
-        **values, messages=list(transcript), rounds=len(responses), responses=list(responses)
-    )
-    costs = [r.cost for r in responses]
-    known = [cost for cost in costs if cost is not None]
-    result.cost = sum(known, Decimal(0)) if len(known) == len(costs) else None
-    return result
+    return RunResponse(**values, messages=list(transcript), rounds=len(responses), responses=list(responses))
+
+
+def _summed_cost(responses: Sequence[ChatResponse], _run: ChatResponse) -> Decimal | None:
+    """The rounds' costs added up; None when any round's is unknown."""
+    total = Decimal(0)
+    for response in responses:
+        cost = response.cost
+        if cost is None:
+            return None
+        total += cost
+    return total
 
 
 # --- running one tool call ------------------------------------------------------------------
