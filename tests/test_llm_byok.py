@@ -464,3 +464,35 @@ def test_a_canary_tenant_key_appears_nowhere(make_app, upstream, tmp_path, caplo
     # ... while the cassette and the cache keys still tell two keys apart, by their hash.
     recorded = json.loads((tmp_path / "byok.json").read_text())["entries"]
     assert recorded[0]["request"]["api_key"] == key_id(_secret(TENANT_CANARY))
+
+
+def test_a_provider_that_does_not_send_per_call_keys_refuses_them(app, upstream):
+    from app.llm.testing import FakeProvider
+
+    class Legacy(FakeProvider):
+        """An adapter written before per-call keys: it would send its own credentials."""
+
+        takes_api_key = False
+
+    legacy = Legacy("legacy")
+    legacy.add_response("from its own key")
+    with app.app_context():
+        get_llm().register_provider("legacy", legacy)
+        with pytest.raises(LLMBadRequestError) as caught:
+            get_llm().chat(USER, model="legacy/m", api_key=TENANT_A)
+        assert caught.value.field == "api_key" and "'legacy'" in caught.value.message
+        with pytest.raises(LLMBadRequestError):
+            get_llm().embed(["a"], model="legacy/m", api_key=TENANT_A)
+        assert get_llm().chat(USER, model="legacy/m").content == "from its own key"
+    assert legacy.pending == 0
+
+
+def test_the_test_kits_fake_records_a_calls_own_key(app, upstream):
+    from app.llm.testing import install_fake_llm
+
+    fake = install_fake_llm(app)
+    fake.add_response("hi")
+    with app.app_context():
+        assert get_llm().chat(USER, model="fake/m", api_key=TENANT_A).content == "hi"
+    assert fake.last_request.api_key == _secret(TENANT_A)
+    assert TENANT_A not in repr(fake.last_request)

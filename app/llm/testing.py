@@ -109,6 +109,8 @@ class _Item:
 class FakeProvider(Provider):
     """A provider that answers from a script and records every call (see the module docstring)."""
 
+    takes_api_key = True  # a call's own key is recorded with it (a Secret), as any parameter
+
     def __init__(
         self, name: str = "fake", *, echo: bool = False, models: Sequence[str] = ("fake-model",)
     ) -> None:

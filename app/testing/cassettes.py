@@ -129,9 +129,15 @@ class CassetteProvider(Provider):
             self._inner = self._adapter()
         return self._inner
 
+    takes_api_key = True  # replayed: matched by the key's hash; recorded: the real adapter decides
+
     def check(self, request: ChatRequest) -> None:
         if self.cassette.recording:  # a replayed request passed this check when it was recorded
             self.inner.check(request)
+
+    def check_api_key(self, request: ChatRequest | EmbedRequest) -> None:
+        if self.cassette.recording:
+            self.inner.check_api_key(request)
 
     def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
         return self.inner.map_error(exc, context)

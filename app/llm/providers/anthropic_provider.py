@@ -441,6 +441,7 @@ class AnthropicProvider(Provider):
         {"seed", "presence_penalty", "frequency_penalty", "reasoning_effort", "safety"}
     )
     family = "Anthropic Messages API"
+    takes_api_key = True
 
     def __init__(self, name: str) -> None:
         super().__init__(name)

@@ -193,14 +193,24 @@ class Provider(ABC):
         for name in self.unsupported_in(request):
             raise unsupported_parameter(self, name)
 
-    def check_api_key(self, request: ChatRequest | EmbedRequest) -> None:  # noqa: B027 - optional hook
+    #: Whether this adapter sends ``request.api_key`` (a caller's own key) instead of its
+    #: configured one. One that does not refuses calls that carry a key (see check_api_key).
+    takes_api_key: bool = False
+
+    def check_api_key(self, request: ChatRequest | EmbedRequest) -> None:
         """Refuse a per-call ``api_key`` this provider cannot send (LLMBadRequestError naming it).
 
-        Called for every call that carries one, before any hook or request. An adapter
-        sends ``request.api_key`` instead of its configured key; one that cannot use a
-        per-call key overrides this and refuses it, so a call never falls back silently
-        to the platform's key.
+        Called for every call that carries one, before any hook or request, so that a call
+        never falls back silently to the platform's key: an adapter that does not say it
+        sends per-call keys (:attr:`takes_api_key`) refuses them all; one that does may
+        still refuse one in some setting (Gemini on Vertex AI) by overriding this.
         """
+        if not self.takes_api_key:
+            raise LLMBadRequestError(
+                f"provider {self.name!r} does not send a per-call api_key; leave it out to use its own"
+                " credentials",
+                field="api_key",
+            )
 
     @abstractmethod
     def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:

@@ -539,6 +539,7 @@ async def _failing(exc: BaseException) -> AsyncIterator[StreamEvent]:
 
 class GeminiProvider(Provider):
     family = "Gemini"  # takes every generation parameter of the layer
+    takes_api_key = True  # not on Vertex AI: check_api_key refuses it there
 
     def __init__(self, name: str) -> None:
         super().__init__(name)

@@ -127,6 +127,7 @@ class OpenAIProvider(Provider):
     #: own form of them (vLLM's ``top_k``, say) in ``extra``.
     unsupported_parameters = frozenset({"top_k", "thinking_budget", "safety"})
     family = "OpenAI-compatible"
+    takes_api_key = True
 
     def __init__(self, name: str, profile: str) -> None:
         super().__init__(name)
