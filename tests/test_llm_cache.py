@@ -658,3 +658,44 @@ def test_without_redis_at_start_every_call_is_a_miss_and_none_fails(make_app, up
     with app.app_context():
         assert [run("chat").cached for _ in range(5)] == [False] * 5
     assert len(upstream.requests) == 5
+
+
+# --- the README ---------------------------------------------------------------------------------------
+
+
+def test_the_readme_caching_examples_run_as_written(make_app, upstream, redis_server):
+    """The README's "Caching" blocks, run twice with a user's settings (LLM_CACHE=redis) on a local server."""
+    from tests.readme import python_blocks
+
+    def answer(request):
+        if request.path == EMBED:
+            return Reply(body=openai_embeddings([0.1, 0.2], [0.3, 0.4]))
+        if (request.json or {}).get("stream"):
+            return Reply.stream(openai_text_events("Par", "is"))
+        return Reply(body=chat_completion("Paris"))
+
+    upstream.responder = answer
+    app = make_app(
+        OPENAI_API_KEY="sk-test",
+        OPENAI_BASE_URL=upstream.url_for("/v1"),
+        LLM_CACHE="redis",
+        REDIS_URL=flushed(redis_server.url),
+    )
+    calls, helpers = python_blocks("Caching")
+    with app.app_context():
+        first: dict[str, Any] = {}
+        exec(compile(calls, "README.md", "exec"), first)
+        made = len(upstream.requests)
+        second: dict[str, Any] = {}
+        exec(compile(calls, "README.md", "exec"), second)
+        data: dict[str, Any] = {}
+        exec(compile(helpers, "README.md", "exec"), data)
+        assert data["totals"](2026) == data["totals"](2026) == {"year": 2026, "calls": 412}
+        assert data["get_json"]("settings:acme") == {"theme": "dark"}
+    assert made == 6  # acme, globex, cache=False, cache=600, the stream, the embeddings
+    assert len(upstream.requests) == made + 1  # the second time: only the cache=False call
+    assert first["deltas"] == second["deltas"] == ["Par", "is"]
+    assert first["vectors"] == second["vectors"] == [[0.1, 0.2], [0.3, 0.4]]
+    client = redis_lib.Redis.from_url(redis_server.url)
+    assert client.get("cached:totals:2026") == b'{"year":2026,"calls":412}'
+    client.close()
