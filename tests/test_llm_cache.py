@@ -588,6 +588,30 @@ def test_a_waiter_calls_itself_after_the_bounded_wait(make_app, settings_for, ba
     assert len(upstream.requests) == 3  # the two waiters gave up on the slow leader after 0.2 s
 
 
+def test_a_leader_that_never_lands_holds_no_call_back_past_the_wait(make_app, settings_for, upstream):
+    """An async leader cancelled mid-call runs no hook: its flight is replaced once LLM_CACHE_WAIT passed."""
+    app = make_app(settings_for("memory", LLM_CACHE_WAIT=0.3))
+    upstream.script(CHAT, Reply(body=chat_completion("slow"), delay=5.0))
+
+    async def cancelled_leader() -> None:
+        task = asyncio.ensure_future(get_llm().achat(MESSAGES, MODEL))
+        while not upstream.requests:  # in flight
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with app.app_context():
+        asyncio.run(cancelled_leader())
+        flights = current_cache().flights
+        assert len(flights) == 1  # never landed
+        time.sleep(0.3)
+        assert run("chat").content == "hi"  # led at once, and landed
+        assert len(flights) == 0
+        assert run("chat").cached
+    assert len(upstream.requests) == 2
+
+
 # --- Redis down ---------------------------------------------------------------------------------------
 
 

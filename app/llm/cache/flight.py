@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
@@ -23,9 +24,10 @@ from app.connectors._base import on_fork_in_child
 class Flight:
     """One key's call in flight: ``done`` is set when it lands, ``entry`` is what it answered, or None."""
 
-    __slots__ = ("__weakref__", "_lock", "_wake", "done", "entry")
+    __slots__ = ("__weakref__", "_lock", "_wake", "done", "entry", "started")
 
     def __init__(self) -> None:
+        self.started = time.monotonic()
         self.done = threading.Event()
         self.entry: bytes | None = None
         self._lock = threading.Lock()
@@ -74,11 +76,16 @@ class Flights:
         self._lock = threading.Lock()
         self._flights: dict[str, Flight] = {}
 
-    def join(self, key: str) -> tuple[Flight, bool]:
-        """The flight of ``key``, and whether this call leads it (the first one does)."""
+    def join(self, key: str, max_age: float) -> tuple[Flight, bool]:
+        """The flight of ``key``, and whether this call leads it (the first one does).
+
+        A flight older than ``max_age`` (the waiters' bound) is replaced: its leader never
+        landed (an async call cancelled, a stream dropped unclosed), and its key must not
+        make every later call wait.
+        """
         with self._lock:
             flight = self._flights.get(key)
-            if flight is not None:
+            if flight is not None and time.monotonic() - flight.started < max_age:
                 return flight, False
             flight = self._flights[key] = Flight()
             return flight, True

@@ -122,11 +122,13 @@ class ResponseCache(LLMHook):
         if pending is None:
             return
         entry = None
-        if call.attempts:  # a provider answered (not another hook)
-            entry = encode(call.kind, response)
-            if f"{call.provider}/{call.model}" == pending.model:
-                self.store.set(pending.name, entry, pending.ttl)
-        self._land(pending, entry)
+        try:
+            if call.attempts:  # a provider answered (not another hook)
+                entry = encode(call.kind, response)
+                if f"{call.provider}/{call.model}" == pending.model:
+                    self.store.set(pending.name, entry, pending.ttl)
+        finally:  # the waiters are told whatever happens
+            self._land(pending, entry)
 
     def on_error(self, call: LLMCall, error: LLMError) -> None:
         pending = self._take(call)
@@ -201,7 +203,7 @@ class ResponseCache(LLMHook):
                 self._count(hit=True)
                 return hit
         model = f"{call.provider}/{call.model}"
-        flight, leads = self.flights.join(name)
+        flight, leads = self.flights.join(name, self.settings.wait)
         if not leads:
             return _Waiting(name, ttl, model, flight)
         token = store.lock(name, self.settings.wait) if store.shared else NO_LOCK
