@@ -632,7 +632,7 @@ def print_rows(rows: list[dict[str, Any]], load: str) -> None:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--scenario", choices=["acceptance", "make-run", "first-call", "custom"], default="custom"
+        "--scenario", choices=["all", "acceptance", "make-run", "first-call", "custom"], default="custom"
     )
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--deltas", type=int, default=20)
@@ -643,6 +643,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--litellm", help="path of a LiteLLM virtualenv's litellm executable (a peer)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.scenario == "all":  # what `make bench` prints
+        return [
+            *main(["--scenario", "acceptance", *(["--litellm", args.litellm] if args.litellm else [])]),
+            *main(["--scenario", "make-run"]),
+            *main(["--scenario", "first-call"]),
+        ]
     if args.scenario == "first-call":  # a new worker's first /api/chat against its warm ones
         first = asyncio.run(first_call_scenario(3))
         print(f"first /api/chat in a new worker vs a warm one (3 processes); load {os.getloadavg()[0]:.2f}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import client_lookup, cold_start, hooks_overhead, llm_overhead, resilience_overhead
+from bench import client_lookup, cold_start, hooks_overhead, llm_overhead, resilience_overhead, usage_overhead
 from bench.cache_overhead import main as cache_overhead
 from bench.concurrent_streams import main as concurrent_streams
 
@@ -19,4 +19,5 @@ if __name__ == "__main__":
     resilience_overhead.main()
     hooks_overhead.main()
     cache_overhead()
-    concurrent_streams(["--scenario", "acceptance", "--classes", "gevent,gthread"])
+    usage_overhead.main()
+    concurrent_streams(["--scenario", "all"])
