@@ -114,7 +114,8 @@ def test_a_user_extends_the_app_as_the_readme_says(tmp_path, mypy_cache):
         script = revision.read_text()
         assert f"down_revision = '{head}'" in script.replace('"', "'")  # it follows the project's last
         # Only the user's table: the project's own models and revisions agree (nothing else to migrate).
-        assert re.findall(r"op\.(create|drop)_table\(\s*['\"](\w+)['\"]", script) == [("create", "note")], (
+        upgrade = script.split("def downgrade")[0]
+        assert re.findall(r"op\.(create|drop)_table\(\s*['\"](\w+)['\"]", upgrade) == [("create", "note")], (
             script
         )
         run([BIN / "flask", "db", "upgrade"], project, env)
