@@ -335,6 +335,37 @@ def test_async_calls_reserve_and_settle_alike(make_app, upstream, redis_server, 
     )
 
 
+def test_a_stream_dropped_unclosed_lapses_after_the_ttl_booked_at_its_reservation(
+    make_app, upstream, redis_server, rclient, caplog
+):
+    """No hook hears of a stream garbage-collected unclosed: its reservation must not hold forever."""
+    import gc
+
+    user = unique("dropped")
+    app = budget_app(
+        make_app, upstream, {"user": {"daily_usd": 10}}, redis_server.url, LLM_BUDGET_RESERVATION_TTL=1
+    )
+    chunks = [
+        openai_sse(openai_role_chunk(), done=False),
+        openai_sse(openai_text_chunks("one ")[0], done=False),
+    ]
+    upstream.script(CHAT, Reply.stream([*chunks, threading.Event()]))
+    accounts = usage_state(app).accounts
+    with app.app_context():
+        stream = get_llm().chat_stream(MESSAGES, MODEL, user=user, max_tokens=100)
+        assert next(stream) == "one "
+        (held,) = accounts._open.values()
+        del stream
+        gc.collect()
+    counter = held.counters[0]
+    assert counter.in_flight == held.amount  # nobody settled it
+    time.sleep(1.2)
+    accounts.sync(final=True)
+    assert counter.in_flight == 0 and held.lapsed
+    assert redis_spent(rclient, "user", user) == held.amount
+    assert any("without ending" in r.getMessage() for r in caplog.records)
+
+
 # --- cache hits, unknown prices ------------------------------------------------------------------------
 
 

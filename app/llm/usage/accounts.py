@@ -30,6 +30,7 @@ what it spent since, and sends what it spent once Redis answers again.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 import time
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from redis import Redis
 
 __all__ = ["Accounts", "CounterSpec", "Held", "Refusal"]
+
+logger = logging.getLogger(__name__)
 
 #: How the budgets are named in the Redis gate's log lines.
 GATE_USER = "LLM budgets"
@@ -109,14 +112,19 @@ class _Counter:
         return self.held - self.in_flight - self.unsynced
 
 
-@dataclass(frozen=True)
 class Held:
     """A call's reservation: on these counters, of this amount (nano-USD)."""
 
-    counters: tuple[_Counter, ...]
-    amount: int
-    #: Which store admitted it ("memory": room held; "redis"; "local": this process alone).
-    by: str
+    __slots__ = ("amount", "at", "by", "counters", "lapsed")
+
+    def __init__(self, counters: tuple[_Counter, ...], amount: int, by: str) -> None:
+        self.counters = counters
+        self.amount = amount
+        #: Which store admitted it ("memory": room held; "redis"; "local": this process alone).
+        self.by = by
+        self.at = time.monotonic()
+        #: Never settled within the TTL (a stream dropped unclosed tells no hook): booked at its amount.
+        self.lapsed = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,9 @@ class Accounts:
         self._lock = threading.Lock()
         self._counters: dict[str, _Counter] = {}
         self._settled: deque[tuple[Held, int]] = deque()
+        #: Reservations not settled yet, by id (see :meth:`_lapse`).
+        self._open: dict[int, Held] = {}
+        self._lapse_warned = -60.0
         #: This process's name in Redis: renewed after a fork, so parent and child hold apart.
         self.lease = f"{os.getpid()}-{os.urandom(6).hex()}"
         self._redis: tuple[Redis, Redis] | None = None  # (the gate's client, our fail-fast one)
@@ -161,10 +172,7 @@ class Accounts:
             for counter in counters:
                 if counter.room < amount or now >= counter.trusted_until:
                     return None
-            for counter in counters:
-                counter.in_flight += amount
-                counter.used_at = now
-            return Held(counters, amount, "memory")
+            return self._take(counters, amount, "memory")
 
     def reserve(self, specs: Sequence[CounterSpec], amount: int) -> Held | Refusal:
         """Admit a call of ``amount`` on every counter of ``specs``, or say which one refuses it."""
@@ -224,9 +232,38 @@ class Accounts:
         settled = self._settled
         while settled:
             held, actual = settled.popleft()
+            self._open.pop(id(held), None)
             for counter in held.counters:
-                counter.in_flight -= held.amount
-                counter.unsynced += actual
+                if held.lapsed:  # booked at its amount already: only the difference is left
+                    counter.unsynced += actual - held.amount
+                else:
+                    counter.in_flight -= held.amount
+                    counter.unsynced += actual
+
+    def _lapse(self, now: float) -> None:
+        """Reservations not settled within the TTL are booked at their amount (the most they could cost).
+
+        A call always ends in a hook (answer, error, cancel), except a stream dropped without
+        being closed: without this, its reservation would hold the budget for the process's life.
+        A call that ends after all is corrected to its actual cost then.
+        """
+        lapsed = 0
+        for key, held in list(self._open.items()):
+            if now - held.at > self.ttl:
+                del self._open[key]
+                held.lapsed = True
+                lapsed += 1
+                for counter in held.counters:
+                    counter.in_flight -= held.amount
+                    counter.unsynced += held.amount
+        if lapsed and now - self._lapse_warned > 60:
+            self._lapse_warned = now
+            logger.warning(
+                "%d LLM call(s) held a budget reservation for over %.0f s without ending (a stream dropped"
+                " without being closed?): each is booked at what it reserved (LLM_BUDGET_RESERVATION_TTL)",
+                lapsed,
+                self.ttl,
+            )
 
     def _of(self, specs: Sequence[CounterSpec]) -> tuple[_Counter, ...]:
         counters = []
@@ -244,7 +281,9 @@ class Accounts:
         for counter in counters:
             counter.in_flight += amount
             counter.used_at = now
-        return Held(counters, amount, by)
+        held = Held(counters, amount, by)
+        self._open[id(held)] = held
+        return held
 
     def _sync(
         self, client: Redis, counters: Sequence[_Counter], *, admit: bool, amount: int, want: Sequence[int]
@@ -309,6 +348,7 @@ class Accounts:
         with self._lock:
             self._fold()
             now = time.monotonic()
+            self._lapse(now)
             wall = time.time()
             due: list[_Counter] = []
             want: list[int] = []

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from app.llm.hooks import EmbedResponse
+from app.llm.providers.base import ChatRequest
+from app.llm.types import ChatResponse
+
 if TYPE_CHECKING:
-    from app.llm.hooks import EmbedResponse, LLMCall
-    from app.llm.providers.base import ChatRequest
-    from app.llm.types import ChatResponse
+    from app.llm.hooks import LLMCall
     from app.llm.usage.pricing import Pricer
 
 __all__ = ["Booking", "booking_for", "prompt_tokens"]
@@ -87,10 +89,6 @@ def booking_for(call: LLMCall, outcome: ChatResponse | EmbedResponse | None, pri
 
 
 def _book(call: LLMCall, outcome: Any, pricer: Pricer) -> Booking:
-    from app.llm.hooks import EmbedResponse
-    from app.llm.providers.base import ChatRequest
-    from app.llm.types import ChatResponse
-
     request = call.request
     if outcome is None:  # a failure: only a stream that had begun was read by the provider
         if call.kind == "stream" and call.first_delta_at is not None and isinstance(request, ChatRequest):

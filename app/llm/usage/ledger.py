@@ -39,6 +39,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from flask import g, has_app_context
+from sqlalchemy import bindparam, select
 
 from app.connectors._base import on_fork_in_child
 from app.llm.hooks import LLMHook
@@ -381,14 +382,51 @@ def _dialect_insert(connection: Connection) -> Any:
 
 
 def _insert_rows(connection: Connection, rows: list[dict[str, Any]]) -> set[str]:
-    """The rows, each at most once: the call ids really inserted (a call id seen before is skipped)."""
-    table = USAGE
-    statement = (
-        _dialect_insert(connection)(table)
-        .on_conflict_do_nothing(index_elements=["call_id"])
-        .returning(table.c.call_id)
-    )
-    return {str(call_id) for call_id in connection.execute(statement, rows).scalars()}
+    """The rows, each at most once: the call ids really inserted (a call id seen before is skipped).
+
+    The ids already there are read first, in the same transaction (only this process writes its
+    calls' ids, so none can arrive meanwhile), and the rest go to the driver's ``executemany``
+    as one ``INSERT ... ON CONFLICT DO NOTHING``: SQLAlchemy's per-row parameter processing
+    cost about 0.1 ms a row, as much as the call the row records.
+    """
+    ids = [row["call_id"] for row in rows]
+    found = select(USAGE.c.call_id).where(USAGE.c.call_id.in_(bindparam("ids", expanding=True)))
+    existing = {str(call_id) for call_id in connection.execute(found, {"ids": ids}).scalars()}
+    fresh = [row for row in rows if row["call_id"] not in existing]
+    if fresh:
+        sql, names, processors, positional = _insert_sql(connection)
+        values = [
+            [
+                process(row[name]) if process else row[name]
+                for name, process in zip(names, processors, strict=True)
+            ]
+            for row in fresh
+        ]
+        parameters: Any = (
+            [tuple(value) for value in values]
+            if positional
+            else [dict(zip(names, value, strict=True)) for value in values]
+        )
+        connection.exec_driver_sql(sql, parameters)
+    return {row["call_id"] for row in fresh}
+
+
+_INSERT_SQL: dict[str, tuple[str, list[str], list[Any], bool]] = {}
+
+
+def _insert_sql(connection: Connection) -> tuple[str, list[str], list[Any], bool]:
+    """The dialect's INSERT of a ledger row as its driver takes it: the SQL, the parameters' names in
+    order, their types' bind processors (SQLite keeps dates as text, numbers as floats), positional or not."""
+    dialect = connection.dialect
+    found = _INSERT_SQL.get(dialect.name)
+    if found is None:
+        statement = _dialect_insert(connection)(USAGE).on_conflict_do_nothing(index_elements=["call_id"])
+        compiled = statement.compile(dialect=dialect, column_keys=[column.name for column in USAGE.columns])
+        positional = bool(compiled.positional)
+        names = list(compiled.positiontup or []) if positional else [column.name for column in USAGE.columns]
+        processors = [USAGE.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
+        found = _INSERT_SQL[dialect.name] = (str(compiled), names, processors, positional)
+    return found
 
 
 def _rollup(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
