@@ -496,3 +496,23 @@ def test_the_test_kits_fake_records_a_calls_own_key(app, upstream):
         assert get_llm().chat(USER, model="fake/m", api_key=TENANT_A).content == "hi"
     assert fake.last_request.api_key == _secret(TENANT_A)
     assert TENANT_A not in repr(fake.last_request)
+
+
+def test_a_callers_key_never_reaches_a_fallback_of_another_provider(app, upstream):
+    from app.llm import LLMRateLimitError
+
+    busy = Reply(429, openai_error("Rate limit reached", "rate_limit_exceeded", None))
+    upstream.script(CHAT, busy, busy, chat_completion("from the same provider"))
+    with app.app_context():
+        llm = get_llm()
+        with pytest.raises(LLMRateLimitError) as caught:  # the tenant's own quota: not Gemini's turn
+            llm.chat(USER, model="openai/gpt-4o", api_key=TENANT_A, fallbacks=["gemini/gemini-2.5-flash"])
+        attempts = [(a.model, a.outcome) for a in caught.value.attempts]  # type: ignore[attr-defined]
+        assert attempts == [
+            ("openai/gpt-4o", "LLMRateLimitError"),
+            ("gemini/gemini-2.5-flash", "LLMBadRequestError"),
+        ]
+        r = llm.chat(USER, model="openai/gpt-4o", api_key=TENANT_B, fallbacks=["openai/gpt-4o-mini"])
+    assert r.content == "from the same provider" and r.model == "gpt-4o-mini"
+    assert [key_of(req, "openai") for req in upstream.requests] == [TENANT_A, TENANT_B, TENANT_B]
+    assert all(req.path == CHAT for req in upstream.requests), "nothing reached Gemini"

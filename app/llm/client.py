@@ -405,7 +405,9 @@ class LLM:
 
         def build(address: str) -> tuple[Provider, ChatRequest]:
             # The primary's request is built once; a fallback's only when it is needed.
-            return first if address == chain[0] else self._fits(*self._request(messages, address, options))
+            if address == chain[0]:
+                return first
+            return self._fits(*_own_key_stays(first[1], *self._request(messages, address, options)))
 
         request = first[1]
         cache = options.get("cache")
@@ -613,6 +615,20 @@ def _cache_option(value: Any, request: ChatRequest | EmbedRequest) -> bool | flo
         raise LLMBadRequestError(exc.message, field="cache", **request.context()) from None
     assert checked is not None
     return checked
+
+
+def _own_key_stays(
+    primary: ChatRequest, provider: Provider, request: ChatRequest
+) -> tuple[Provider, ChatRequest]:
+    """A caller's own key goes only to the provider it was given for: a fallback model of another
+    provider is skipped (shown in ``attempts``), never sent that key nor the platform's instead."""
+    if request.api_key is not None and request.provider != primary.provider:
+        raise LLMBadRequestError(
+            f"skipped: the call's own api_key is for provider {primary.provider!r}",
+            field="api_key",
+            **request.context(),
+        )
+    return provider, request
 
 
 def _masked(call: LLMCall, flow: Flow[T]) -> Flow[T]:
