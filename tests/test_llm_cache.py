@@ -644,7 +644,10 @@ def test_redis_killed_mid_run_every_call_succeeds_as_a_miss_and_hits_resume(
     caller = threading.Thread(target=calls)
     caller.start()
     try:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not any(cached for _, _, cached in results) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the cache is in use (the first calls build the clients)
+        time.sleep(0.2)
         assert disposable_redis.process is not None
         disposable_redis.process.kill()  # SIGKILL: no goodbye to the clients
         disposable_redis.process.wait(timeout=5)

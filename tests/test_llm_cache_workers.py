@@ -53,9 +53,16 @@ def environment(tmp_path, upstream: ScriptedServer, **settings: str) -> tuple[di
     return env, api_key_for_env(env, rpm=0, tpm=0)
 
 
-def test_two_gunicorn_workers_share_redis_hits(tmp_path, upstream, redis_server):
-    redis_lib.Redis.from_url(redis_server.url).flushdb()
-    env, headers = environment(tmp_path, upstream, LLM_CACHE="redis", REDIS_URL=redis_server.url)
+@pytest.mark.parametrize("backend", ["redis", "disk"])
+def test_two_gunicorn_workers_share_hits(tmp_path, upstream, redis_server, backend):
+    """Redis, and the disk back end's one folder (diskcache: SQLite in WAL mode, a connection per process)."""
+    if backend == "redis":
+        redis_lib.Redis.from_url(redis_server.url).flushdb()
+        env, headers = environment(tmp_path, upstream, LLM_CACHE="redis", REDIS_URL=redis_server.url)
+    else:
+        env, headers = environment(
+            tmp_path, upstream, LLM_CACHE="disk", LLM_CACHE_DIR=str(tmp_path / "cache")
+        )
     answers: list[tuple[int, int, dict[str, Any]]] = []
     with run_gunicorn(env, "-w", "2", "tests.resilience_app:app", log=tmp_path / "g.log") as server:
         wait_until_listening(server)
@@ -69,7 +76,7 @@ def test_two_gunicorn_workers_share_redis_hits(tmp_path, upstream, redis_server)
     assert {status for status, _, _ in answers} == {200}, answers
     assert {body["content"] for _, _, body in answers} == {"hi"}
     assert len({pid for _, pid, _ in answers}) == 2, "one worker served every request"
-    assert len(upstream.requests) == 1  # one worker asked; both answered from Redis after it
+    assert len(upstream.requests) == 1  # one worker asked; both answered from the shared store after it
     assert "Traceback" not in output
 
 
