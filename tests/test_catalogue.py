@@ -39,10 +39,22 @@ def readme_llm_models() -> dict[str, Any]:
 
 
 def readme_models() -> list[str]:
-    """Every ``provider/model`` address the README names (placeholders such as ``openai/…`` aside)."""
+    """Every ``provider/model`` address the README names for chat and embeddings.
+
+    Placeholders such as ``openai/…`` or ``gemini/imagen-…`` aside, and the image and video
+    models of "Jobs and media", which are priced per image or per second by their own table
+    (app/llm/media/prices.py, checked in tests/test_images.py), not by this token catalogue.
+    """
+    from app.llm.media.prices import BUILT_IN as MEDIA_MODELS
+
     providers = "openai|gemini|anthropic|groq|openrouter|ollama|azure|vllm"
-    found = re.findall(rf"\b((?:{providers})/[A-Za-z0-9][A-Za-z0-9._:-]*)", README.read_text())
-    return sorted(set(found))
+    text = README.read_text()
+    found = {
+        match.group(1)
+        for match in re.finditer(rf"\b((?:{providers})/[A-Za-z0-9][A-Za-z0-9._:-]*)", text)
+        if not text.startswith("…", match.end())  # a placeholder such as gemini/imagen-…
+    }
+    return sorted(found - set(MEDIA_MODELS))
 
 
 @pytest.fixture
