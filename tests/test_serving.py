@@ -19,6 +19,7 @@ from app import serving
 from app.errors import ConfigError
 from app.llm import get_llm
 from app.llm.testing import install_fake_llm
+from app.serving import disconnect
 from app.serving import worker as worker_module
 from app.serving.disconnect import client_gone, watch_client
 from app.serving.timeouts import check_timeouts, enforce_timeouts
@@ -323,3 +324,18 @@ def test_an_idle_stream_sends_heartbeats_between_its_deltas(make_app):
     assert text.count(": heartbeat\n\n") >= 2
     events = [block for block in text.split("\n\n") if block and not block.startswith(":")]
     assert [block.split("\n")[0] for block in events] == ["event: delta", "event: delta", "event: done"]
+
+
+def test_an_event_left_over_from_an_earlier_socket_of_the_same_number_is_not_a_disconnect(connection):
+    # epoll reports a number; by the time the watcher looks, the socket it was about may have
+    # closed and a new request's socket may have the number. That client is still there.
+    server, client = connection
+    called = threading.Event()
+    watch = watch_client(server, called.set)
+
+    disconnect._epoll_watcher()._handle(server.fileno())  # a stale report for this number
+
+    assert not called.wait(0.2)
+    client.close()  # and the watch is still armed for the real one
+    assert called.wait(1.0)
+    watch.stop()

@@ -131,7 +131,8 @@ class _EpollWatcher:
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._callbacks: dict[int, Callable[[], None]] = {}
+        #: fd -> (its socket, its callback). An fd's number is reused once its socket closes.
+        self._watched: dict[int, tuple[socket.socket, Callable[[], None]]] = {}
         self._lock = threading.Lock()
         threading.Thread(target=self._run, name="client-disconnect-watcher", daemon=True).start()
 
@@ -141,7 +142,7 @@ class _EpollWatcher:
             _call(on_gone)
             return _NoWatch()
         with self._lock:
-            self._callbacks[fd] = on_gone
+            self._watched[fd] = (sock, on_gone)
             try:
                 self._epoll.register(fd, self._MASK)
             except FileExistsError:  # a closed socket's number, reused before it was unwatched
@@ -150,8 +151,9 @@ class _EpollWatcher:
 
     def unwatch(self, fd: int, on_gone: Callable[[], None]) -> None:
         with self._lock:
-            if self._callbacks.get(fd) is on_gone:
-                del self._callbacks[fd]
+            entry = self._watched.get(fd)
+            if entry is not None and entry[1] is on_gone:
+                del self._watched[fd]
                 with suppress(OSError):
                     self._epoll.unregister(fd)
 
@@ -164,13 +166,28 @@ class _EpollWatcher:
             except (OSError, ValueError):  # closed: a forked child's copy
                 return
             for fd, _mask in events:
-                with self._lock:
-                    callback = self._callbacks.pop(fd, None)
-                    if callback is not None:
-                        with suppress(OSError):
-                            self._epoll.unregister(fd)
-                if callback is not None:
-                    _call(callback)
+                self._handle(fd)
+
+    def _handle(self, fd: int) -> None:
+        with self._lock:
+            entry = self._watched.get(fd)
+        if entry is None:
+            return
+        sock, callback = entry
+        # The event may be an earlier socket's of the same number (it closed, and this one was
+        # registered, after epoll reported it): call back only for a client that has really gone.
+        gone = client_gone(sock)
+        with self._lock:
+            if self._watched.get(fd) is not entry:
+                return
+            if not gone:
+                with suppress(OSError):
+                    self._epoll.modify(fd, self._MASK)  # watch on (the mask is one-shot)
+                return
+            del self._watched[fd]
+            with suppress(OSError):
+                self._epoll.unregister(fd)
+        _call(callback)
 
 
 class _EpollWatch:
