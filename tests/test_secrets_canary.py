@@ -282,6 +282,15 @@ def _chat(model: str) -> Callable[[], Any]:
     return lambda: get_llm().chat(MESSAGES, model=model)
 
 
+def lookup(q: str) -> str:
+    """A tool the model keeps asking for."""
+    return f"looked up {q}"
+
+
+def _run(model: str) -> Callable[[], Any]:
+    return lambda: get_llm().run(MESSAGES, model=model, tools=[lookup], max_rounds=1)
+
+
 def _stream(model: str) -> Callable[[], Any]:
     def read() -> None:
         with get_llm().chat_stream(MESSAGES, model=model) as stream:
@@ -356,6 +365,10 @@ def _every_error(app: Flask, upstream: ScriptedServer) -> list[tuple[str, LLMErr
         chat_completion(None, tool_calls=[function_call("c1", "lookup", json.dumps({"key": CANARY_KEY}))]),
         lambda: get_llm().run(MESSAGES, "openai/gpt-4o-mini", tools=[_lookup], max_rounds=1),
     )
+    upstream.script(
+        CHAT, chat_completion(None, tool_calls=[function_call("c1", "lookup", json.dumps({"q": CANARY_KEY}))])
+    )
+    got.append(("too many tool rounds", _error(app, _run("openai/gpt-4o-mini"))))
     got.append(("unknown provider", _error(app, _chat("nowhere/m"))))
     got.append(("no key", _error(app, _chat("keyless/m"))))
     upstream.script("/flaky/v1/chat/completions", _openai_status(500, "down"))
@@ -393,8 +406,14 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
         item = item.__cause__ if item.__cause__ is not None or item.__suppress_context__ else item.__context__
 
 
-def test_no_llm_error_type_shows_the_key_in_its_traceback(layer, upstream):
+def test_no_llm_error_type_shows_the_key_in_its_traceback(make_app, layer, upstream):
     errors = _every_error(layer, upstream)
+    budgeted = make_app(
+        OPENAI_API_KEY=CANARY_KEY,
+        OPENAI_BASE_URL=upstream.url_for("/v1"),
+        LLM_BUDGETS={"global": {"daily_usd": 0}},
+    )
+    errors.append(("no budget left", _error(budgeted, _chat("openai/gpt-4o-mini"))))
 
     every_type = {
         cls for cls in vars(llm_errors).values() if isinstance(cls, type) and issubclass(cls, LLMError)
