@@ -92,7 +92,7 @@ def redact_url(url: str) -> str:
 
 
 def _mask_url_passwords(text: str) -> str:
-    if "=" in text:
+    if "=" in text and ("?" in text or "&" in text or ";" in text):  # a query string, cheaply ruled out
         text = _QUERY_SECRET.sub(lambda m: f"{m['lead']}{MASK}", text)
     if "@" in text:
         text = _URL_USERINFO.sub(_mask_userinfo, text)
