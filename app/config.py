@@ -164,7 +164,8 @@ _SERVICE_LINK = re.compile(
     r"^[A-Z0-9_]+_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_[A-Z]+)?)?"
     r"|NAME|ENV_[A-Z0-9_]+)$"
 )
-#: How alike an unknown environment variable and a known key must be to call it a misspelling.
+#: How alike (difflib's ratio of what follows the prefix) an unknown environment variable and a
+#: known key must be to call it a misspelling: MAX_RETRY/MAX_RETRIES 0.80, URLS/URL 0.86, USER/URL 0.57.
 MISSPELLING_CUTOFF = 0.8
 
 #: Names of keys whose values are secrets, by their words (``SECRET_KEY``, ``GROQ_API_KEY``...).
@@ -246,7 +247,7 @@ def check_keys(config: Mapping[str, Any], sources: Mapping[str, str], environ: M
     """
     known = known_keys(config)
     mistakes: list[str] = []
-    for key in sorted(sources):
+    for key in sorted(sources, key=str):
         if isinstance(key, str) and key.startswith(APP_PREFIXES) and key not in known:
             mistakes.append(f"{key} (in {sources[key]}) is not a setting of this app{closest(key, known)}")
     for key in sorted(environ):
@@ -254,13 +255,14 @@ def check_keys(config: Mapping[str, Any], sources: Mapping[str, str], environ: M
             continue
         if key in FOREIGN_VARIABLES or _SERVICE_LINK.match(key):
             continue
-        # Compared with the keys of its own prefix: OLLAMA_MODELS is not a misspelt LLM_MODELS.
+        # What follows the prefix, against the keys of the same prefix: OLLAMA_MODELS is not a
+        # misspelt LLM_MODELS, nor DATABASE_USER a misspelt DATABASE_URL; LLM_MAX_RETRY is one.
         prefix = next(p for p in APP_PREFIXES if key.startswith(p))
-        same_prefix = [name for name in known if name.startswith(prefix)]
-        close = difflib.get_close_matches(key, same_prefix, n=1, cutoff=MISSPELLING_CUTOFF)
+        rests = {name[len(prefix) :]: name for name in known if name.startswith(prefix)}
+        close = difflib.get_close_matches(key[len(prefix) :], rests, n=1, cutoff=MISSPELLING_CUTOFF)
         if close:
             mistakes.append(
-                f"{key} (in the environment) is not a setting of this app; did you mean {close[0]!r}?"
+                f"{key} (in the environment) is not a setting of this app; did you mean {rests[close[0]]!r}?"
             )
     if not mistakes:
         return

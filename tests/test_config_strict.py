@@ -179,6 +179,11 @@ def test_variables_of_other_software_in_the_environment_are_left_alone(make_app,
         "REDIS_PORT": "tcp://10.0.0.7:6379",
         "REDIS_PORT_6379_TCP_ADDR": "10.0.0.7",
         "REDIS_SERVICE_HOST": "10.0.0.7",
+        # Another program's settings, like none of the app's: a user, a port, a host.
+        "DATABASE_USER": "reporting",
+        "DATABASE_PORT": "5432",
+        "REDIS_USER": "worker",
+        "API_KEY": "not-ours",
         "DATABASE_SERVICE_PORT": "5432",
         "OLLAMA_PORT": "tcp://10.0.0.9:11434",
         # Read by the SDKs themselves.
