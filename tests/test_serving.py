@@ -339,3 +339,88 @@ def test_an_event_left_over_from_an_earlier_socket_of_the_same_number_is_not_a_d
     client.close()  # and the watch is still armed for the real one
     assert called.wait(1.0)
     watch.stop()
+
+
+# --- the gthread path in one process: the reader on the worker's loop, the epoll watcher ----------
+
+
+def test_a_stream_read_on_the_loop_is_stopped_when_its_client_leaves(make_app, upstream, connection):
+    # As under gunicorn's gthread worker: the environ carries the client's socket, so the stream
+    # is read by a task on the worker's loop, and the epoll watcher stops it when the client goes.
+    from tests.test_api_stream import CHAT_PATH, sse_events, trickle
+
+    server, client = connection
+    app = make_app(OPENAI_API_KEY=CANARY_KEY, OPENAI_BASE_URL=upstream.url_for("/v1"))
+    upstream.script(CHAT_PATH, trickle(100, 0.1))
+
+    response = app.test_client().post(
+        "/api/chat",
+        json={"model": "openai/m", "messages": MESSAGES, "stream": True},
+        headers=api_key_headers(app, rpm=0, tpm=0),
+        environ_overrides={"gunicorn.socket": server},
+        buffered=False,
+    )
+    events = sse_events(line.decode() + "\n" for piece in response.response for line in piece.split(b"\n"))
+    assert next(events) == ("delta", {"text": "t0 "})
+
+    client.close()
+
+    exchange = upstream.only_request()
+    assert exchange.finished.wait(1.0), "the upstream was still streaming a second after the client left"
+    assert exchange.outcome == "client_closed"
+    response.close()
+
+
+def test_a_request_whose_client_left_while_it_waited_is_never_sent(make_app, upstream, connection):
+    server, client = connection
+    app = make_app(OPENAI_API_KEY=CANARY_KEY, OPENAI_BASE_URL=upstream.url_for("/v1"))
+    headers = api_key_headers(app, rpm=0, tpm=0)
+    client.close()  # gone before the app got to the request
+
+    response = app.test_client().post(
+        "/api/chat",
+        json={"model": "openai/m", "messages": MESSAGES, "stream": True},
+        headers=headers,
+        environ_overrides={"gunicorn.socket": server},
+    )
+
+    assert response.status_code == 499
+    assert upstream.requests == []
+
+
+# --- warm workers, in one process -------------------------------------------------------------------
+
+
+def test_warming_a_worker_builds_its_llm_clients_and_sends_nothing(make_app, upstream):
+    app = make_app(OPENAI_API_KEY=CANARY_KEY, OPENAI_BASE_URL=upstream.url_for("/v1"))
+    from app.serving.warm import warm_worker
+
+    warmed = warm_worker(app, on_loop=True)
+
+    assert warmed["providers"] == ["openai"]
+    assert "openai" in warmed["modules"]
+    openai = app.extensions["openai_service"]
+    assert openai.info()["default"]["client_built"] is True
+    assert openai._async["default"].built  # on the worker's loop, which gthread streams use
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "kind", "concurrency"),
+    [({}, "gthread", 64), ({"worker_class": "gevent"}, "gevent", 1000), ({"threads": 8}, "gthread", 8)],
+)
+def test_gunicorns_own_settings_give_the_workers_kind_and_concurrency(settings, kind, concurrency):
+    from gunicorn.config import Config
+
+    from app.serving.gunicorn_hooks import check_worker_class, worker_concurrency, worker_kind
+
+    cfg = Config()
+    cfg.set("worker_class", "gthread")
+    cfg.set("threads", 64)
+    for name, value in settings.items():
+        cfg.set(name, value)
+
+    assert (worker_kind(cfg), worker_concurrency(cfg)) == (kind, concurrency)
+    check_worker_class(cfg, kind)
+    with pytest.raises(SystemExit, match=f"set GUNICORN_WORKER_CLASS={kind} instead"):
+        check_worker_class(cfg, "gevent" if kind == "gthread" else "gthread")
