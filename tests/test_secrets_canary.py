@@ -25,6 +25,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -451,3 +452,33 @@ def test_errors_name_the_url_they_tried_without_credentials(make_app, upstream):
     assert str(error).endswith(f"(http://user:***@127.0.0.1:{upstream.port}/v1/chat/completions)")
     assert "http" not in error.message  # what /api may show its callers: no internal address
     assert CANARY_KEY not in "".join(traceback.format_exception(error))
+
+
+class _Unscrubbable(Exception):
+    """Formats itself from data out of reach, as pydantic's ValidationError does."""
+
+    def __init__(self, data: dict[str, str]) -> None:
+        super().__init__("validation failed")
+        self._data = SimpleNamespace(**data)  # an object: no scrub reaches into it
+
+    def __str__(self) -> str:
+        return f"validation failed for {self._data.input}"
+
+
+def test_an_exception_that_cannot_be_scrubbed_is_replaced_in_the_chain():
+    from app.llm.errors import RedactedCause, safe_cause
+    from app.redaction import register_secret
+
+    register_secret(CANARY_KEY)
+    inner = _Unscrubbable({"input": CANARY_KEY})
+    outer = RuntimeError(f"request failed with {CANARY_KEY}")
+    outer.__cause__ = inner
+
+    safe = safe_cause(outer)
+
+    assert safe is outer  # its own message could be scrubbed: kept, for its attributes
+    assert str(outer) == "request failed with ***"
+    assert isinstance(outer.__cause__, RedactedCause)  # the inner one could not: replaced
+    assert outer.__cause__.original_type.endswith("_Unscrubbable")
+    assert str(outer.__cause__).endswith("_Unscrubbable: validation failed for ***")
+    assert CANARY_KEY not in "".join(traceback.format_exception(outer))

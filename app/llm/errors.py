@@ -369,15 +369,27 @@ class RedactedCause(Exception):
         super().__init__(f"{self.original_type}: {redact(str(exc))}")
 
 
-def safe_cause(exc: BaseException) -> BaseException:
-    """``exc`` scrubbed in place, or a :class:`RedactedCause` when its traceback would still show a secret."""
+def safe_cause(exc: BaseException, _seen: set[int] | None = None) -> BaseException:
+    """``exc`` scrubbed in place, or a :class:`RedactedCause` when its message would still show a secret.
+
+    The exceptions chained to it are made safe the same way (and relinked), so
+    that no link of what a traceback prints shows a secret; its frames show
+    code, never values.
+    """
+    seen = _seen if _seen is not None else set()
+    seen.add(id(exc))
     scrub_exception(exc)
-    text = "".join(traceback.format_exception(exc))
-    if redact(text) == text:
+    for link in ("__cause__", "__context__"):
+        linked = getattr(exc, link)
+        if linked is not None and id(linked) not in seen:
+            setattr(exc, link, safe_cause(linked, seen))
+    shown = "".join(traceback.format_exception_only(exc))
+    if redact(shown) == shown:
         return exc
     stand_in = RedactedCause(exc).with_traceback(exc.__traceback__)
-    if exc.__cause__ is not None:
-        stand_in.__cause__ = safe_cause(exc.__cause__)
+    stand_in.__cause__ = exc.__cause__
+    if exc.__cause__ is None and not exc.__suppress_context__:
+        stand_in.__context__ = exc.__context__
     return stand_in
 
 
