@@ -475,6 +475,12 @@ def check_database_url(url: str, key: str) -> None:
         ) from None
     if parsed.get_backend_name() == "sqlite":
         return
+    if url.count("@") > 1 or "@" in (parsed.username or ""):
+        # SQLAlchemy takes the userinfo up to the first '@': a second one (a raw '@' in the
+        # password, or in a query-string password after a username) moves the host elsewhere.
+        raise ConfigError(
+            f"{key} has more than one '@', so its host cannot be told: {shown!r} ({_ENCODE_HINT})"
+        )
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         raise ConfigError(f"{key} must have a port from 1 to 65535, got {shown!r}")
     if parsed.host and not _valid_host(parsed.host):

@@ -65,6 +65,7 @@ MALFORMED = [
         "postgresql://app:pw@127.0.0.1:notaport/app",
         "must be a database URL with a numeric port",
     ),
+    ("DATABASE_URL", "postgresql://app@127.0.0.1/app?password=p@ss", "has more than one '@'"),
     # Names of services and profiles.
     ("HEALTH_OPTIONAL_SERVICES", "redsi", "must name services among database, redis, got 'redsi'"),
     ("HEALTH_REQUIRED_SERVICES", "databse", "got 'databse'; did you mean 'database'?"),
