@@ -7,12 +7,12 @@ costs the probe that timeout once, not once per service. The database answers
 configured or not, since a real call per probe would cost money.
 
 A failed check is ``fail`` when the service is required and ``warn``
-otherwise. The database is required by default; Redis is not, because
-everything the app keeps in it fails open (breakers, rate limits and quotas
-carry on in each process), so a Redis outage degrades the app without
-stopping it. ``HEALTH_REQUIRED_SERVICES=redis`` makes Redis required (your own
-code may depend on it); ``HEALTH_OPTIONAL_SERVICES=database`` makes the
-database optional. Both are validated at start (:func:`parse_health_settings`).
+otherwise. The database is required by default; Redis is not, because the
+LLM layer's uses of it fail open (breakers, rate limits, quotas, budgets and
+the cache carry on in each process), so a Redis outage degrades the app
+without stopping ``/api/chat``. ``HEALTH_REQUIRED_SERVICES=redis`` makes Redis
+required (media jobs on RQ, or your own code, need it);
+``HEALTH_OPTIONAL_SERVICES=database`` makes the database optional. Both are validated at start (:func:`parse_health_settings`).
 
 ``/readyz`` needs no authentication, so what it says about a failure is the
 exception's type only (``ConnectionError``), never its message, which may
@@ -51,7 +51,7 @@ _RANK: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
 
 #: The services readiness checks, by the names the HEALTH_* settings use.
 SERVICES = ("database", "redis")
-#: Checked services the app carries on without (all their users fail open): a warning by default.
+#: Checked services the LLM layer carries on without (its uses fail open): a warning by default.
 FAIL_OPEN = frozenset({"redis"})
 
 
