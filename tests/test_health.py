@@ -262,3 +262,24 @@ def test_readyz_does_not_build_or_call_a_built_provider_client(make_app, upstrea
     assert response.status_code == 200
     assert _checks(body)["openai:default:configured"]["observedValue"] is True
     assert upstream.requests == []
+
+
+def test_while_redis_is_down_api_chat_serves_and_readyz_warns(make_app, disposable_redis):
+    # Why Redis is a warning: breakers, rate limits and /api quotas fail open, so the app serves.
+    from app.llm.testing import install_fake_llm
+    from tests.conftest import api_key_headers
+
+    app = make_app(REDIS_URL=disposable_redis.url, LLM_RATE_LIMITS={"fake": {"rpm": 100}})
+    headers = api_key_headers(app)
+    fake = install_fake_llm(app, echo=True)
+    body = {"model": "fake/m", "messages": [{"role": "user", "content": "Hi"}]}
+    assert app.test_client().post("/api/chat", json=body, headers=headers).status_code == 200
+    disposable_redis.stop()
+
+    answer = app.test_client().post("/api/chat", json=body, headers=headers)
+    response, readiness = _get_readyz(app)
+
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert answer.json["content"] == "Hi"
+    assert len(fake.calls) == 2
+    assert (response.status_code, readiness["status"]) == (200, "warn")
