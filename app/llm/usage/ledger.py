@@ -395,18 +395,13 @@ def _insert_rows(connection: Connection, rows: list[dict[str, Any]]) -> set[str]
     fresh = [row for row in rows if row["call_id"] not in existing]
     if fresh:
         sql, names, processors, positional = _insert_sql(connection)
-        values = [
-            [
-                process(row[name]) if process else row[name]
-                for name, process in zip(names, processors, strict=True)
-            ]
-            for row in fresh
-        ]
-        parameters: Any = (
-            [tuple(value) for value in values]
-            if positional
-            else [dict(zip(names, value, strict=True)) for value in values]
-        )
+        processed = [(index, process) for index, process in enumerate(processors) if process is not None]
+        parameters: list[Any] = []
+        for row in fresh:
+            value = [row[name] for name in names]
+            for index, process in processed:
+                value[index] = process(value[index])
+            parameters.append(tuple(value) if positional else dict(zip(names, value, strict=True)))
         connection.exec_driver_sql(sql, parameters)
     return {row["call_id"] for row in fresh}
 
