@@ -166,7 +166,7 @@ def diag_state() -> Response:
 
 @app.get("/_diag/wait/<service>")
 def diag_wait(service: str) -> Response:
-    """One wait of about a second on ``service``, timed by the worker's clock (gevent cooperation)."""
+    """About a second's wait on ``service`` (Redis: 0.8 s), timed by the worker's clock (cooperation)."""
     from app.llm import get_llm
 
     started = time.monotonic()
@@ -177,7 +177,7 @@ def diag_wait(service: str) -> Response:
         with db_service.engine().connect() as connection:
             connection.execute(text("SELECT pg_sleep(1)"))
     elif service == "redis":
-        get_redis_client().blpop(["serving-test-never-pushed"], timeout=1)
+        get_redis_client().blpop(["serving-test-never-pushed"], timeout=0.8)  # within its 1 s socket timeout
     elif service in ("openai", "gemini", "anthropic"):
         get_llm().chat(messages, f"{service}/slow")
     else:

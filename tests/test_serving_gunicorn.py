@@ -384,9 +384,9 @@ def test_under_gevent_every_service_waits_without_blocking_the_worker(
     slow = 1.0
     services = ["postgresql", "redis", "openai", "gemini", "anthropic"]
     upstream.script(CHAT_PATH, Reply(body=chat_completion("hi", "slow"), delay=slow))
-    upstream.script(
-        "/v1beta/models/slow:generateContent", Reply(body=gemini_reply(gemini_text("hi")), delay=slow)
-    )
+    gemini = Reply(body=gemini_reply(gemini_text("hi")), delay=slow)
+    for version in ("v1beta", "v1"):  # whichever API version the SDK asks
+        upstream.script(f"/{version}/models/slow:generateContent", gemini)
     upstream.script("/v1/messages", Reply(body=anthropic_message(), delay=slow))
     try:
         for served in serve(
