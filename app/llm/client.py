@@ -568,7 +568,10 @@ class LLM:
         try:
             return adapter.list_models()
         except Exception as exc:
-            raise self._map_error(adapter, lambda: {"provider": provider, "model": None}, exc) from exc
+            error = self._map_error(adapter, lambda: {"provider": provider, "model": None}, exc)
+            if error.__cause__ is None:  # keep a redacted cause the adapter's mapping already set
+                error.__cause__ = exc
+            raise error from error.__cause__
 
     # --- media (app.llm.media): images at once, video as a job (app.jobs) ----------
 
@@ -585,7 +588,8 @@ class LLM:
         return media
 
     def generate_image(self, prompt: str, model: str | None = None, **options: Any) -> ImageResponse:
-        """Images now: ``n``, ``size`` or ``aspect_ratio``, ``negative_prompt``, ``seed``, ``user``, ``tenant``."""
+        """Images now: ``n``, ``size`` or ``aspect_ratio``, ``negative_prompt``, ``seed``, ``user``,
+        ``tenant``."""
         return self.media.generate_image(prompt, model or self.default_model, **options)
 
     def generate_video(self, prompt: str | None = None, model: str | None = None, **options: Any) -> str:
