@@ -311,6 +311,30 @@ print(json.dumps({{"pending": app.extensions["llm_usage"].ledger.pending}}))
         assert db.session.scalar(select(func.count()).select_from(USAGE)) == 5
 
 
+def test_rows_that_cannot_be_written_at_exit_are_counted_in_one_error_line(upstream, tmp_path):
+    import subprocess
+    import sys
+
+    script = f"""
+from app import create_app
+from app.llm import get_llm
+app = create_app({{"TESTING": True, "INSTANCE_PATH": {str(tmp_path)!r}, "DOTENV_PATH": "none.env",
+    "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": {upstream.url_for("/v1")!r},
+    "LLM_USAGE_FLUSH_INTERVAL": 3600}})
+with app.app_context():  # no `flask db upgrade`: the table is missing
+    for _ in range(3):
+        get_llm().chat([{{"role": "user", "content": "hi"}}], "openai/gpt-4o-mini")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=str(tmp_path), capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(os.getcwd())},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "the usage ledger could not write at exit: 3 rows lost" in done.stderr
+    assert "no such table: llm_usage (run `flask db upgrade`)" in done.stderr
+    assert len(upstream.requests) == 3
+
+
 # --- PostgreSQL stopped for 5 s ------------------------------------------------------------------
 
 

@@ -322,12 +322,11 @@ class UsageLedger:
         else:
             logger.warning("the usage ledger dropped %d rows (its buffer was full)", self.dropped)
 
-    def exit_report(self) -> str | None:
-        """What is lost at exit (None: nothing)."""
+    def exit_report(self) -> tuple[int, int, str | None] | None:
+        """What is lost at exit: (rows not written, dropped rows not reported, why); None: nothing."""
         if not self._rows and not self._unreported:
             return None
-        waiting, unreported = len(self._rows), self._unreported
-        return f"{waiting} rows not written, {unreported} dropped rows not reported ({self.last_error})"
+        return len(self._rows), self._unreported, self.last_error
 
 
 # --- rows ---------------------------------------------------------------------------------------
@@ -515,16 +514,26 @@ class _Flusher:
     def at_exit(self) -> None:
         """Write what is waiting, within :data:`EXIT_BUDGET` seconds for all ledgers together."""
         deadline = time.monotonic() + EXIT_BUDGET
-        lost: list[str] = []
+        rows = unreported = ledgers = 0
+        reasons: dict[str, None] = {}
         for ledger in list(self._ledgers):
             left = deadline - time.monotonic()
             if left > 0 and (ledger.pending or ledger._unreported):
                 ledger.flush(timeout=min(left, 2.0))
             report = ledger.exit_report()
             if report is not None:
-                lost.append(report)
-        if lost:
-            logger.error("the usage ledger could not write at exit: %s", "; ".join(lost))
+                ledgers += 1
+                rows, unreported = rows + report[0], unreported + report[1]
+                reasons[report[2] or "out of time"] = None
+        if ledgers:
+            logger.error(
+                "the usage ledger could not write at exit: %d rows lost, and %d dropped rows not reported,"
+                " of %d app(s) (%s)",
+                rows,
+                unreported,
+                ledgers,
+                "; ".join(list(reasons)[:3]),
+            )
 
 
 _flusher = _Flusher()
