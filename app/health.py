@@ -12,7 +12,8 @@ LLM layer's uses of it fail open (breakers, rate limits, quotas, budgets and
 the cache carry on in each process), so a Redis outage degrades the app
 without stopping ``/api/chat``. ``HEALTH_REQUIRED_SERVICES=redis`` makes Redis
 required (media jobs on RQ, or your own code, need it);
-``HEALTH_OPTIONAL_SERVICES=database`` makes the database optional. Both are validated at start (:func:`parse_health_settings`).
+``HEALTH_OPTIONAL_SERVICES=database`` makes the database optional. Both are validated at start
+(:func:`parse_health_settings`).
 
 ``/readyz`` needs no authentication, so what it says about a failure is the
 exception's type only (``ConnectionError``), never its message, which may

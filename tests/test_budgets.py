@@ -625,7 +625,7 @@ def test_flask_llm_budgets_without_budgets_says_so(make_app):
     assert result.exit_code == 0 and "LLM_BUDGETS is not set" in result.output
 
 
-# --- the README ----------------------------------------------------------------------------------------------
+# --- the README ------------------------------------------------------------------------------------
 
 
 def test_the_readme_example_runs_as_written(make_app, upstream, redis_server, capsys):

@@ -39,6 +39,7 @@ Attempt_ = Callable[[Provider, Any, Callable[[BaseException], LLMError]], Flow[A
 #: The step that asks a provider (sync and async twins) for one request.
 Send = Callable[[Provider, Any], Step]
 #: Maps an exception a provider raised to its typed error.
+Mapper = Callable[[BaseException], LLMError]
 TypedFor = Callable[[Provider, Any], Callable[[BaseException], LLMError]]
 #: What an answer of ``provider``/``model`` cost, in USD, or None when unknown.
 Price = Callable[[str, str, ChatResponse], "Decimal | None"]
@@ -99,7 +100,7 @@ class Pipeline:
         *,
         settle: bool = True,
         finish: Callable[[LLMCall, Any], Any] | None = None,
-        typed: Callable[[Callable[[BaseException], LLMError]], Callable[[BaseException], LLMError]] | None = None,
+        typed: Callable[[Mapper], Mapper] | None = None,
     ) -> Flow[Any]:
         """An image call, or a video's submit (``settle=False``: its end is reported by :meth:`settle`,
         when the job ends). ``finish`` completes a provider's answer (latency, attempts); ``typed``
