@@ -81,6 +81,7 @@ def install(app: Flask, llm: LLM) -> UsageState:
             buffer=settings.buffer,
             batch=settings.batch,
             flush_interval=settings.flush_interval,
+            unit_prices=pricer.unit_prices,
         )
         ledger_hook = LedgerHook(ledger, pricer)
         llm.add_hook(ledger_hook)

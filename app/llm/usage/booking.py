@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.llm.hooks import EmbedResponse
 from app.llm.providers.base import ChatRequest
+from app.llm.resilience.ratelimit import DEFAULT_ANSWER_TOKENS, estimate_tokens
 from app.llm.types import ChatResponse
 
 if TYPE_CHECKING:
@@ -63,8 +64,6 @@ NOTHING = Booking(None, None, billed=False)
 
 def prompt_tokens(request: ChatRequest) -> int:
     """The prompt's tokens as the rate limiter estimates them (without the answer's budget)."""
-    from app.llm.resilience.ratelimit import DEFAULT_ANSWER_TOKENS, estimate_tokens
-
     answer = request.max_tokens if request.max_tokens is not None else DEFAULT_ANSWER_TOKENS
     return estimate_tokens(request) - max(answer, 0)
 

@@ -33,10 +33,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flask import g, has_app_context
 from sqlalchemy import bindparam, select
@@ -78,9 +77,8 @@ _SUMS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One call as queued: plain values, turned into a row by the flusher."""
+class Entry(NamedTuple):
+    """One call as queued: plain values, turned into a row by the flusher (a tuple: cheap to make)."""
 
     call_id: str
     started_at: float
@@ -91,7 +89,6 @@ class Entry:
     provider: str
     model: str
     booking: Booking
-    prices: UnitPrices | None
     latency_ms: float
     outcome: str
     cached: bool
@@ -137,7 +134,6 @@ class LedgerHook(LLMHook):
                 call.provider,
                 call.model,
                 booking,
-                self.pricer.unit_prices(call.provider, call.model) if booking.billed else None,
                 call.latency_ms,
                 outcome,
                 cached,
@@ -150,9 +146,17 @@ class UsageLedger:
     """One app's ledger in one process: the queue, its writer, and what went wrong."""
 
     def __init__(
-        self, engine: Callable[[], Engine], *, buffer: int, batch: int, flush_interval: float
+        self,
+        engine: Callable[[], Engine],
+        *,
+        buffer: int,
+        batch: int,
+        flush_interval: float,
+        unit_prices: Callable[[str, str], UnitPrices] | None = None,
     ) -> None:
         self._engine = engine
+        #: The catalogue's unit prices of a model, looked up by the flusher (off the call's path).
+        self.unit_prices = unit_prices
         self.buffer = buffer
         self.batch = batch
         self.flush_interval = flush_interval
@@ -270,7 +274,7 @@ class UsageLedger:
 
     def _insert(self, entries: list[Entry], unreported: int) -> int:
         engine = self._engine()
-        rows = [_row(entry) for entry in entries]
+        rows = [_row(entry, self.unit_prices) for entry in entries]
         with engine.begin() as connection:
             inserted = _insert_rows(connection, rows) if rows else set()
             deltas = _rollup([row for row in rows if row["call_id"] in inserted])
@@ -340,8 +344,9 @@ def _cut(value: str | None, length: int = NAME_LENGTH) -> str | None:
     return value[:length] if value is not None else None
 
 
-def _row(entry: Entry) -> dict[str, Any]:
-    booking, prices = entry.booking, entry.prices
+def _row(entry: Entry, unit_prices: Callable[[str, str], UnitPrices] | None) -> dict[str, Any]:
+    booking = entry.booking
+    prices = unit_prices(entry.provider, entry.model) if unit_prices is not None and booking.billed else None
     return {
         "call_id": entry.call_id,
         "started_at": _utc(entry.started_at),
