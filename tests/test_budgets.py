@@ -317,6 +317,29 @@ def test_a_stream_cancelled_after_three_deltas_settles_to_its_partial_usage(
     assert redis_spent(rclient, "user", user) == nano(row.cost) > 0  # not the 4000-token reservation
 
 
+def test_an_async_stream_closed_early_settles_to_its_partial_usage(make_app, upstream, redis_server, rclient):
+    user = unique("astream")
+    app = budget_app(make_app, upstream, {"user": {"daily_usd": 10}}, redis_server.url)
+    chunks = [openai_sse(openai_role_chunk(), done=False)]
+    chunks += [openai_sse(c, done=False) for c in openai_text_chunks("alpha ", "beta ", "gamma ")]
+    upstream.script(CHAT, Reply.stream([*chunks, threading.Event()]))
+
+    async def read_two() -> list[str]:
+        stream = get_llm().achat_stream(MESSAGES, MODEL, user=user, max_tokens=2000)
+        got = [await stream.__anext__(), await stream.__anext__()]
+        await stream.aclose()
+        return got
+
+    with app.app_context():
+        assert asyncio.run(read_two()) == ["alpha ", "beta "]
+    usage_state(app).accounts.sync(final=True)
+    assert usage_state(app).ledger.flush()
+    with app.app_context():
+        row = db.session.scalars(select(LlmUsage).filter_by(user_name=user)).one()
+    assert (row.outcome, row.kind, row.output_tokens) == ("cancelled", "stream", 3)
+    assert redis_spent(rclient, "user", user) == nano(row.cost) > 0
+
+
 def test_async_calls_reserve_and_settle_alike(make_app, upstream, redis_server, rclient):
     user = unique("async")
     app = budget_app(make_app, upstream, {"user": {"daily_usd": 10}}, redis_server.url)

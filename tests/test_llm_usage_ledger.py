@@ -403,6 +403,11 @@ def test_a_small_buffer_through_an_outage_reports_every_dropped_row(make_app, up
     assert ledger.dropped > 0
     assert rows + reported == len(upstream.requests) == 200
     assert reported == ledger.dropped
+    with app.app_context():
+        reasons = db.session.scalars(select(LlmUsageDrop.reason)).all()
+    assert ledger.last_error and all(
+        postgres_server.password not in text for text in [*reasons, ledger.last_error]
+    )
 
 
 # --- the migration --------------------------------------------------------------------------------
