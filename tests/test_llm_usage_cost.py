@@ -123,3 +123,23 @@ def test_each_ledger_row_costs_what_genai_prices_says_for_its_usage(make_app, up
         expected = calc_price(usage, row.model, provider_id=providers[row.provider]).total_price
         assert row.cost == expected, row.model
     assert rows[2].cost > Decimal("0.5")  # the >200k tier, not the base price
+
+
+def test_an_image_call_is_booked_at_its_media_price():
+    """Images and video have no tokens: the ledger books what app/llm/media/prices.py priced."""
+    from decimal import Decimal
+
+    from app.llm.hooks import LLMCall
+    from app.llm.media.types import ImageResponse, MediaUsage
+    from app.llm.providers.base import EmbedRequest
+    from app.llm.usage.booking import _book
+
+    call = LLMCall("image", "gemini", "imagen-4.0-generate-001", EmbedRequest("gemini", "imagen", ["x"]))
+    call.attempts.append(object())  # a provider was asked
+    outcome = ImageResponse(
+        "gemini", "imagen-4.0-generate-001", [], [], MediaUsage("image", 2, Decimal("0.08"))
+    )
+    booking = _book(call, outcome, pricer=None)  # type: ignore[arg-type]
+    assert (booking.cost, booking.input_tokens, booking.output_tokens, booking.billed) == (
+        Decimal("0.08"), None, None, True,
+    )  # fmt: skip

@@ -25,6 +25,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from app.llm.hooks import EmbedResponse
+from app.llm.media.types import MediaUsage
 from app.llm.providers.base import ChatRequest
 from app.llm.resilience.ratelimit import DEFAULT_ANSWER_TOKENS, estimate_tokens
 from app.llm.types import ChatResponse
@@ -111,6 +112,9 @@ def _book(call: LLMCall, outcome: Any, pricer: Pricer) -> Booking:
         return _priced(
             call, pricer, sum(len(text) for text in inputs) // CHARS_PER_TOKEN + 1, 0, estimated=True
         )
+    media = getattr(outcome, "usage", None)
+    if isinstance(media, MediaUsage):  # images or video: no tokens, priced per image or second
+        return Booking(None, None, cost=media.cost)
     assert isinstance(outcome, ChatResponse)
     input_tokens, output_tokens = outcome.input_tokens, outcome.output_tokens
     estimated = False
