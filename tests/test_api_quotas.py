@@ -25,6 +25,23 @@ from tests.test_gunicorn import clean_env, run_gunicorn, wait_until_listening
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
 
 
+def away_from_a_window_edge(margin: float = 8.0) -> None:
+    """Start a burst well inside one minute's window.
+
+    The sliding-window counter weighs the previous minute's count by how much of it is left,
+    so a burst that straddles a minute boundary may be let one request more: the algorithm's
+    documented approximation, not a fault. Exact counts are asserted away from that edge.
+    """
+    into = time.time() % 60
+    if into > 60 - margin:
+        time.sleep(60 - into + 0.2)
+
+
+@pytest.fixture(autouse=True)
+def _inside_one_window() -> None:
+    away_from_a_window_edge()
+
+
 @pytest.fixture
 def quota_app(make_app, upstream: ScriptedServer):
     return make_app(OPENAI_API_KEY=CANARY_KEY, OPENAI_BASE_URL=upstream.url_for("/v1"))
