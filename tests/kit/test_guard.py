@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,24 +17,23 @@ from app.connectors.outbound import check_request
 from app.testing.guard import RealCallBlocked, is_loopback
 from app.testing.plugin import GUARD
 
-_events: list[tuple[str, str]] = []
-_watching = threading.Event()
+#: The last arguments of each audited event, written by a C-level hook: a Python audit hook would
+#: run bytecode inside every ``sys.settrace`` call, where CPython 3.11 may switch threads while its
+#: process-wide "installing a trace function" flag is set, and a thread started then under coverage
+#: dies with "Cannot install a trace function while another trace function is being installed"
+#: (python/cpython#98257). ``dict.__setitem__`` records without running any Python code.
+_last_seen: dict[str, tuple[Any, ...]] = {}
+sys.addaudithook(_last_seen.__setitem__)
 
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if _watching.is_set() and event in ("socket.connect", "socket.getaddrinfo"):
-        _events.append((event, repr(args[1] if event == "socket.connect" else args[0])))
-
-
-sys.addaudithook(_audit)
+WATCHED_EVENTS = ("socket.connect", "socket.getaddrinfo")
 
 
 @pytest.fixture
-def watched() -> Iterator[list[tuple[str, str]]]:
-    _events.clear()
-    _watching.set()
-    yield _events
-    _watching.clear()
+def watched() -> Iterator[Callable[[], dict[str, tuple[Any, ...]]]]:
+    """A function giving the socket events seen since the test began (any thread), by name."""
+    _last_seen.clear()
+    yield lambda: {event: _last_seen[event] for event in WATCHED_EVENTS if event in _last_seen}
+    _last_seen.clear()
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -137,7 +135,7 @@ def test_every_client_is_refused_before_it_connects(make_app, watched, name, asy
         refused and "real-call guard" in str(caught.value) + "".join(map(str, _chain(caught.value)))
     ), _chain(caught.value)
     assert refused and "real-call guard refused" in refused[0]
-    assert watched == [], watched  # no name resolved, no socket connected
+    assert watched() == {}, watched()  # no name resolved, no socket connected
 
 
 def test_loopback_is_allowed():
