@@ -249,3 +249,39 @@ def test_api_a_json_reply_to_a_stream_is_a_502_before_any_event(app, upstream, p
     error = json.loads(response.get_data(as_text=True))["error"]
     assert error["type"] == "upstream_error"
     assert "not text/event-stream" in error["message"]
+
+
+# --- chunks of the wrong shape (OpenAI streams are read as JSON, unparsed) -------------------------
+
+
+@pytest.mark.parametrize("mode", READERS)
+def test_openai_chunks_of_odd_shapes_are_skipped_and_a_chunk_that_is_not_an_object_is_an_error(
+    app, upstream, mode
+):
+    odd = [
+        {"id": "c", "model": "m", "choices": "none"},  # not a list: no choices
+        {"id": "c", "model": "m", "choices": [7, {"index": 0, "delta": None}]},  # no delta
+        {"id": "c", "model": "m", "choices": [{"delta": {"tool_calls": ["x"]}}], "usage": "n/a"},
+    ]
+    chunks = [openai_role_chunk(), *openai_text_chunks("Hel"), *odd, [1, 2]]
+    upstream.script(OPENAI_CHAT, Reply.stream([sse_data(chunk) for chunk in chunks]))
+
+    texts, error = READERS[mode](app, "openai/gpt-4o-mini")
+
+    assert texts == ["Hel"]
+    assert isinstance(error, LLMResponseError)
+    assert "a stream chunk that is not an object: [1, 2]" in str(error)
+    assert (error.provider, error.model) == ("openai", "gpt-4o-mini")
+
+
+def test_api_an_openai_chunk_that_is_not_an_object_ends_in_an_error_event(app, upstream):
+    chunks = [openai_role_chunk(), *openai_text_chunks("Hel"), "just text"]
+    upstream.script(OPENAI_CHAT, Reply.stream([sse_data(chunk) for chunk in chunks]))
+
+    response = post_stream(app, "openai/gpt-4o-mini")
+
+    assert response.status_code == 200
+    events = list(sse_events(body_lines(response)))
+    assert [name for name, _ in events] == ["delta", "error"]
+    error = events[-1][1]["error"]
+    assert (error["type"], error["status"]) == ("upstream_error", 502)

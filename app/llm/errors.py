@@ -416,6 +416,14 @@ def sdk_errors(map_error: MapError) -> MapError:
     return mapped
 
 
+class MalformedChunkError(Exception):
+    """An adapter's signal that an upstream stream sent a chunk it cannot read (not a JSON object).
+
+    Raised from a stream reader, like :class:`IncompleteStreamError`, so that ``map_error`` adds
+    provider, model and URL and maps it to an :class:`LLMResponseError`.
+    """
+
+
 class IncompleteStreamError(Exception):
     """An adapter's signal that an upstream stream ended without its end marker.
 

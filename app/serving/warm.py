@@ -82,41 +82,32 @@ def import_sdks(app: Flask) -> list[str]:
     for module in modules:
         importlib.import_module(module)
     if "openai" in modules:
-        _parse_openai_samples()
+        _parse_openai_sample()
     logger.info("imported %s in %.2f s", ", ".join(modules) or "nothing", time.perf_counter() - started)
     return modules
 
 
-#: One answer of each kind the OpenAI adapter reads, with every nested part it may hold.
+#: An answer the OpenAI adapter reads, with every nested part it may hold.
 _OPENAI_USAGE = {
     "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
     "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0},
 }  # fmt: skip
 _OPENAI_CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-_OPENAI_SAMPLES = {
-    "ChatCompletion": {
-        "id": "x", "object": "chat.completion", "created": 0, "model": "m", "usage": _OPENAI_USAGE,
-        "choices": [{
-            "index": 0, "finish_reason": "stop", "logprobs": None,
-            "message": {"role": "assistant", "content": "hi", "tool_calls": [_OPENAI_CALL]},
-        }],
-    },
-    "ChatCompletionChunk": {
-        "id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "usage": _OPENAI_USAGE,
-        "choices": [{
-            "index": 0, "finish_reason": None,
-            "delta": {"role": "assistant", "content": "hi", "tool_calls": [{"index": 0, **_OPENAI_CALL}]},
-        }],
-    },
+_OPENAI_COMPLETION = {
+    "id": "x", "object": "chat.completion", "created": 0, "model": "m", "usage": _OPENAI_USAGE,
+    "choices": [{
+        "index": 0, "finish_reason": "stop", "logprobs": None,
+        "message": {"role": "assistant", "content": "hi", "tool_calls": [_OPENAI_CALL]},
+    }],
 }  # fmt: skip
 
 
-def _parse_openai_samples() -> None:
-    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+def _parse_openai_sample() -> None:
+    from openai.types.chat import ChatCompletion
 
-    for model in (ChatCompletion, ChatCompletionChunk):
-        # The SDK's own lazy parse (openai's construct, as its responses use), not validation.
-        cast(Any, model).construct(**_OPENAI_SAMPLES[model.__name__])
+    # The SDK's own lazy parse (openai's construct, as its responses use), not validation. Stream
+    # chunks are read as JSON, unparsed (the OpenAI adapter's ``_create_stream``).
+    cast(Any, ChatCompletion).construct(**_OPENAI_COMPLETION)
 
 
 def warm_worker(app: Flask, *, on_loop: bool = False) -> dict[str, Any]:

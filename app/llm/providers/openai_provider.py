@@ -28,6 +28,7 @@ from app.llm.errors import (
     LLMResponseError,
     LLMServerError,
     LLMTimeoutError,
+    MalformedChunkError,
     error_for_status,
     refine_bad_request,
     retry_after_from_headers,
@@ -196,8 +197,11 @@ class OpenAIProvider(Provider):
         )
 
     def _create_stream(self, client: Any, params: dict[str, Any], options: dict[str, Any]) -> Any:
+        """The SDK's stream of chunks as JSON (``Stream[object]``: its documented no-cast), error
+        events still raised by it: building a ``ChatCompletionChunk`` model for every delta was
+        about a third of a streaming worker's CPU, and the events need a few fields of it."""
         from openai import Stream
-        from openai.types.chat import ChatCompletion, ChatCompletionChunk
+        from openai.types.chat import ChatCompletion
 
         return client.post(
             "/chat/completions",
@@ -205,7 +209,7 @@ class OpenAIProvider(Provider):
             cast_to=ChatCompletion,
             options=self._post_options(options),
             stream=True,
-            stream_cls=Stream[ChatCompletionChunk],
+            stream_cls=Stream[object],
         )
 
     async def _acreate(self, client: Any, params: dict[str, Any], options: dict[str, Any]) -> Any:
@@ -217,7 +221,7 @@ class OpenAIProvider(Provider):
 
     async def _acreate_stream(self, client: Any, params: dict[str, Any], options: dict[str, Any]) -> Any:
         from openai import AsyncStream
-        from openai.types.chat import ChatCompletion, ChatCompletionChunk
+        from openai.types.chat import ChatCompletion
 
         return await client.post(
             "/chat/completions",
@@ -225,7 +229,7 @@ class OpenAIProvider(Provider):
             cast_to=ChatCompletion,
             options=self._post_options(options),
             stream=True,
-            stream_cls=AsyncStream[ChatCompletionChunk],
+            stream_cls=AsyncStream[object],
         )
 
     # --- request ---------------------------------------------------------------
@@ -317,32 +321,42 @@ class OpenAIProvider(Provider):
         )
 
     @staticmethod
-    def _events(chunk: Any) -> Iterator[StreamEvent]:
-        for choice in chunk.choices or ():
-            delta = choice.delta
-            if delta is not None and delta.content:
-                yield TextDelta(delta.content)
-            for call in (delta.tool_calls or []) if delta is not None else []:
-                function = call.function
-                yield ToolCallDelta(
-                    index=call.index,
-                    id=call.id,
-                    name=function.name if function else None,
-                    arguments=(function.arguments or "") if function else "",
-                )
-            if choice.finish_reason:
-                yield StreamEnd(finish_reason=FINISH_REASONS.get(choice.finish_reason), model=chunk.model)
-        usage = getattr(chunk, "usage", None)
-        if usage is not None:
-            reasoning, cached = usage_details(usage)
+    def _events(chunk: object) -> Iterator[StreamEvent]:
+        """The events of one streamed chunk, read from its JSON as sent (see ``_create_stream``)."""
+        if not isinstance(chunk, dict):
+            what = f"{chunk!r:.60}"
+            raise MalformedChunkError(f"the provider sent a stream chunk that is not an object: {what}")
+        model = chunk.get("model")
+        for choice in _objects(chunk.get("choices")):
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                if content:
+                    yield TextDelta(str(content))
+                for call in _objects(delta.get("tool_calls")):
+                    function = call.get("function")
+                    function = function if isinstance(function, dict) else None
+                    yield ToolCallDelta(
+                        index=call.get("index") or 0,
+                        id=call.get("id"),
+                        name=function.get("name") if function else None,
+                        arguments=(function.get("arguments") or "") if function else "",
+                    )
+            finish = choice.get("finish_reason")
+            if finish:
+                yield StreamEnd(finish_reason=FINISH_REASONS.get(finish), model=model)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            completion = usage.get("completion_tokens_details")
+            prompt = usage.get("prompt_tokens_details")
             yield StreamEnd(
-                input_tokens=usage.prompt_tokens,
-                output_tokens=usage.completion_tokens,
-                total_tokens=usage.total_tokens,
-                model=chunk.model,
-                reasoning_tokens=reasoning,
-                cached_input_tokens=cached,
-                response_id=chunk.id or None,
+                input_tokens=usage.get("prompt_tokens"),
+                output_tokens=usage.get("completion_tokens"),
+                total_tokens=usage.get("total_tokens"),
+                model=model,
+                reasoning_tokens=completion.get("reasoning_tokens") if isinstance(completion, dict) else None,
+                cached_input_tokens=prompt.get("cached_tokens") if isinstance(prompt, dict) else None,
+                response_id=chunk.get("id") or None,
             )
 
     # --- the calls -------------------------------------------------------------
@@ -403,7 +417,7 @@ class OpenAIProvider(Provider):
 
     @sdk_errors  # the URL it was sent to; a chain without secrets
     def map_error(self, exc: BaseException, context: dict[str, Any]) -> LLMError:
-        if isinstance(exc, IncompleteStreamError):
+        if isinstance(exc, IncompleteStreamError | MalformedChunkError):
             return LLMResponseError(str(exc), **context)
         if isinstance(exc, openai.APITimeoutError):
             return LLMTimeoutError("the provider did not answer in time", **context)
@@ -432,9 +446,16 @@ class OpenAIProvider(Provider):
         return LLMError(f"{type(exc).__name__}: {exc}", **context)
 
 
-def _finishes(chunk: Any) -> bool:
+def _finishes(chunk: object) -> bool:
     """Whether a stream chunk carries a finish reason: the end of the answer (usage may follow)."""
-    return any(choice.finish_reason for choice in chunk.choices or ())
+    return isinstance(chunk, dict) and any(
+        choice.get("finish_reason") for choice in _objects(chunk.get("choices"))
+    )
+
+
+def _objects(value: object) -> list[dict[str, Any]]:
+    """The JSON objects of a list in a chunk (``choices``, ``tool_calls``); anything else is none."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def _stream_error_class(code: str, message: str) -> type[LLMError]:
