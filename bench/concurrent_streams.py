@@ -414,6 +414,11 @@ def app_env(worker_class: str, upstream_port: int, tmp: Path, **extra: str) -> d
     )
     env.pop("GUNICORN_CMD_ARGS", None)
     env.update(extra)
+    migrated = tmp / "instance" / ".migrated"
+    if not migrated.exists():  # the usage ledger writes its rows, as in a deployed app
+        flask = str(Path(sys.executable).with_name("flask"))
+        subprocess.run([flask, "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True)
+        migrated.touch()
     return env
 
 
