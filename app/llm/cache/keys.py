@@ -3,12 +3,13 @@
 The key *is* :func:`app.llm.canonical.request_key` (the form cassettes match
 on, with its ``FORM_VERSION``; secrets hashed, image bytes hashed); a test
 checks that the two agree on requests of every shape. It is computed here
-with the same rules in about a third of the time, because a hit pays for it
+with the same rules in about a ninth of the time, because a hit pays for it
 on every call and the generic walk (``dataclasses.fields`` and an
 ``isinstance`` ladder per value, then a ``sort_keys`` encoding) costs more
 than the whole rest of a memory hit. What differs is only how: each
-dataclass type's fields are sorted once, dicts are built in sorted order (so
-the encoder needs no ``sort_keys``), and one encoder object is reused.
+dataclass type is written by a function compiled once, each value's writer
+is one look-up by its exact type, dicts are built in sorted order (so no
+``sort_keys``), and a scope's text is written once.
 
 The scope is what is not in the request but must separate answers: the
 tenant, the provider's endpoint (its base URL, credentials masked), and the
@@ -41,6 +42,9 @@ _writers: dict[type, Callable[[Any], str]] = {}
 _model_texts: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
 
 _TYPE = "__type__"
+#: (endpoint, kind, tenant) -> the scope's canonical text: a few per app, written once each.
+_scopes: dict[tuple[str | None, str, str | None], str] = {}
+MAX_SCOPES = 4096
 
 
 def cache_key(request: Any, **scope: Any) -> str:
@@ -50,11 +54,16 @@ def cache_key(request: Any, **scope: Any) -> str:
 
 
 def call_key(request: Any, endpoint: str | None, kind: str, tenant: str | None) -> str:
-    """``cache_key(request, endpoint=..., kind=..., tenant=...)``, the scope written without a dict."""
-    scope = (
-        f'{{"endpoint":{"null" if endpoint is None else _string(endpoint)},"kind":{_string(kind)},'
-        f'"tenant":{"null" if tenant is None else encode(tenant)}}}'
-    )
+    """``cache_key(request, endpoint=..., kind=..., tenant=...)``, the scope written once per scope."""
+    scope = _scopes.get((endpoint, kind, tenant))
+    if scope is None:
+        scope = (
+            f'{{"endpoint":{"null" if endpoint is None else _string(endpoint)},"kind":{_string(kind)},'
+            f'"tenant":{"null" if tenant is None else encode(tenant)}}}'
+        )
+        if len(_scopes) >= MAX_SCOPES:  # tenants come from callers: bounded
+            _scopes.clear()
+        _scopes[(endpoint, kind, tenant)] = scope
     text = f'{{"request":{encode(request)},"scope":{scope},"v":{FORM_VERSION}}}'
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -69,17 +78,6 @@ def encode(value: Any) -> str:
     writer = _writers.get(kind)
     if writer is not None:
         return writer(value)
-    if kind is bool:
-        return "true" if value else "false"
-    if kind is int:
-        return int.__repr__(value)
-    if kind is float:
-        return float.__repr__(value) if math.isfinite(value) else _string(repr(value))
-    if kind is list or kind is tuple:
-        return "[" + ",".join([encode(item) for item in value]) + "]" if value else "[]"
-    if kind is dict:
-        items = {str(key): item for key, item in value.items()}  # canonical()'s keys: str(key)
-        return "{" + ",".join([f"{_string(key)}:{encode(items[key])}" for key in sorted(items)]) + "}"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _writer(kind)(value)
     if isinstance(value, type) and hasattr(value, "model_json_schema"):  # a pydantic model class
@@ -90,37 +88,89 @@ def encode(value: Any) -> str:
     return _encode_sorted(canonical(value))  # bytes, sets, pydantic instances...: the generic rules
 
 
+def _sequence(value: list[Any] | tuple[Any, ...]) -> str:
+    if not value:
+        return "[]"
+    if len(value) == 1:  # most parts and many message lists: no join
+        item = value[0]
+        return f"[{(_writers.get(item.__class__) or encode)(item)}]"
+    return f"[{','.join([(_writers.get(item.__class__) or encode)(item) for item in value])}]"
+
+
+def _mapping(value: dict[Any, Any]) -> str:
+    items = {str(key): item for key, item in value.items()}  # canonical()'s keys: str(key)
+    return "{" + ",".join([f"{_string(key)}:{encode(items[key])}" for key in sorted(items)]) + "}"
+
+
+def _float(value: float) -> str:
+    return float.__repr__(value) if math.isfinite(value) else _string(repr(value))
+
+
+# The plain types by exact class, beside the dataclass writers: one dict look-up picks the writer.
+_writers.update(
+    {
+        list: _sequence,
+        tuple: _sequence,
+        dict: _mapping,
+        bool: lambda value: "true" if value else "false",
+        int: int.__repr__,
+        float: _float,
+    }
+)
+
+
 def _writer(kind: type) -> Callable[[Any], str]:
     """The function that writes a ``kind`` dataclass as canonical JSON, compiled once per type.
 
     Why generated code: a hit computes the key on every call, and a loop over the
-    fields (``getattr`` by name, a branch per field) costs about twice as much as one
-    expression that reads each field and writes ``null`` for None inline; that
-    difference is a sizeable part of a memory hit. The text is fixed by the type
-    (its name, its fields in sorted order, which are secrets); only values vary.
+    fields (``getattr`` by name, a branch per field) costs about twice as much as
+    straight-line code that reads each field once, writes ``null`` for None and a
+    string literal inline, and joins the pieces in one f-string. The text is fixed by
+    the type (its name, its fields in sorted order, which are secrets); only values vary.
     """
     names = [f.name for f in dataclasses.fields(kind) if f.name not in NOT_PART_OF_THE_QUESTION]
-    pieces: list[str] = []
+    if not kind.__name__.isidentifier():
+        raise TypeError(f"{kind.__name__} is not a class name")
+    lines: list[str] = []
+    # The f-string's text: JSON punctuation, field names and the class name (identifiers: no quote,
+    # no backslash), its braces doubled; and a placeholder per field.
+    text: list[str] = []
     for index, name in enumerate(sorted([*names, _TYPE])):
         head = ("{" if index == 0 else ",") + _string(name) + ":"
         if name == _TYPE:
-            pieces.append(repr(head + _string(kind.__name__)))
+            text.append(_literal(head + _string(kind.__name__)))
             continue
         if not name.isidentifier():
             raise TypeError(f"{kind.__name__}.{name} is not a field name")
-        pieces.append(repr(head))
-        value = f"value.{name}"
+        local = f"v{index}"
+        text.append(_literal(head) + "{" + local + "}")
         if name in SECRET_FIELDS:  # kept as its hash, as canonical() keeps it
-            pieces.append(f'("null" if {value} is None else _string(_digest(_reveal({value}))))')
+            written = f'"null" if {local} is None else _string(_digest(_reveal({local})))'
         else:
-            pieces.append(f'("null" if {value} is None else _encode({value}))')
-    pieces.append(repr("}"))
-    source = "def write(value):\n    return ''.join((\n        " + ",\n        ".join(pieces) + ",\n    ))\n"
-    scope: dict[str, Any] = {"_string": _string, "_digest": digest, "_reveal": _reveal, "_encode": encode}
+            written = (
+                f'"null" if {local} is None else _string({local}) if {local}.__class__ is str'
+                f" else (_writers.get({local}.__class__) or _encode)({local})"
+            )
+        lines.append(f"    {local} = value.{name}\n    {local} = {written}\n")
+    text.append(_literal("}"))
+    literal = "".join(text)
+    source = "def write(value):\n" + "".join(lines) + f"    return f'{literal}'\n"
+    scope: dict[str, Any] = {
+        "_string": _string,
+        "_digest": digest,
+        "_reveal": _reveal,
+        "_encode": encode,
+        "_writers": _writers,
+    }
     exec(compile(source, f"<cache key writer of {kind.__name__}>", "exec"), scope)  # noqa: S102 (our own text)
     write: Callable[[Any], str] = scope["write"]
     _writers[kind] = write
     return write
+
+
+def _literal(text: str) -> str:
+    """``text`` as it stands in an f-string."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _reveal(value: Any) -> str:
