@@ -261,14 +261,9 @@ class ResponseCache(LLMHook):
     # --- counts ------------------------------------------------------------------------
 
     def _count(self, *, hit: bool) -> None:
-        counts = self.counts
-        if hit:
-            counts.hit()
-        else:
-            counts.miss()
-        due = counts.take_due()
+        due = self.counts.hit() if hit else self.counts.miss()
         if due is not None and not self.store.add_counts(*due):
-            counts.give_back(*due)
+            self.counts.give_back(*due)
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses (every process's, for a shared store), entries, bytes, back end, hit ratio."""

@@ -64,15 +64,19 @@ class Counts:
         self._pending_hits = self._pending_misses = 0
         self._flushed = time.monotonic()
 
-    def hit(self) -> None:
+    def hit(self) -> tuple[int, int] | None:
+        """Count a hit; what :meth:`take_due` gives when a flush is due (one call on a hit's path)."""
         with self._lock:
             self.hits += 1
             self._pending_hits += 1
+        return self.take_due()
 
-    def miss(self) -> None:
+    def miss(self) -> tuple[int, int] | None:
+        """Count a miss; what :meth:`take_due` gives when a flush is due."""
         with self._lock:
             self.misses += 1
             self._pending_misses += 1
+        return self.take_due()
 
     def take_due(self, force: bool = False) -> tuple[int, int] | None:
         """The counts to add to the shared ones, once per :data:`FLUSH_INTERVAL` (or now, ``force``)."""
