@@ -69,6 +69,8 @@ class Counts:
         with self._lock:
             self.hits += 1
             self._pending_hits += 1
+        if time.monotonic() - self._flushed < FLUSH_INTERVAL:
+            return None  # the path of all but one hit a second
         return self.take_due()
 
     def miss(self) -> tuple[int, int] | None:
