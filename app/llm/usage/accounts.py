@@ -117,12 +117,13 @@ class Held:
 
     __slots__ = ("amount", "at", "by", "counters", "lapsed")
 
-    def __init__(self, counters: tuple[_Counter, ...], amount: int, by: str) -> None:
+    def __init__(self, counters: tuple[_Counter, ...], amount: int, by: str, at: float) -> None:
         self.counters = counters
         self.amount = amount
         #: Which store admitted it ("memory": room held; "redis"; "local": this process alone).
         self.by = by
-        self.at = time.monotonic()
+        #: time.monotonic() when it was taken.
+        self.at = at
         #: Never settled within the TTL (a stream dropped unclosed tells no hook): booked at its amount.
         self.lapsed = False
 
@@ -166,13 +167,14 @@ class Accounts:
     def admit_in_memory(self, specs: Sequence[CounterSpec], amount: int) -> Held | None:
         """The call, admitted in the room this process holds; None when Redis must be asked."""
         with self._lock:
-            self._fold()
+            if self._settled:
+                self._fold()
             counters = self._of(specs)
             now = time.monotonic()
             for counter in counters:
                 if counter.room < amount or now >= counter.trusted_until:
                     return None
-            return self._take(counters, amount, "memory")
+            return self._take(counters, amount, "memory", now)
 
     def reserve(self, specs: Sequence[CounterSpec], amount: int) -> Held | Refusal:
         """Admit a call of ``amount`` on every counter of ``specs``, or say which one refuses it."""
@@ -185,7 +187,7 @@ class Accounts:
             counters = self._of(specs)
             now = time.monotonic()
             if all(c.room >= amount and now < c.trusted_until for c in counters):  # renewed meanwhile
-                return self._take(counters, amount, "memory")
+                return self._take(counters, amount, "memory", now)
             client = self._client()
             if client is not None:
                 try:
@@ -202,7 +204,7 @@ class Accounts:
                     if refused:
                         counter, reply = counters[refused - 1], replies[refused - 1]
                         return Refusal(counter.spec, reply.spent, reply.others, counter.in_flight, amount)
-                    return self._take(counters, amount, "redis")
+                    return self._take(counters, amount, "redis", time.monotonic())
             for counter in counters:  # alone: what Redis last said, plus what was spent here since
                 used = counter.spent + counter.unsynced + counter.others + counter.in_flight
                 if used + amount > counter.spec.limit:
@@ -215,7 +217,7 @@ class Accounts:
                     )
             for counter in counters:
                 counter.trusted_until = 0.0  # held room is Redis's to give: ask it again when it answers
-            return self._take(counters, amount, "local")
+            return self._take(counters, amount, "local", time.monotonic())
 
     def settle(self, held: Held, actual: int) -> None:
         """The call cost ``actual`` (nano-USD; 0 releases it): booked in memory, sent with the next sync."""
@@ -271,17 +273,16 @@ class Accounts:
             counter = self._counters.get(spec.key)
             if counter is None:
                 counter = self._counters[spec.key] = _Counter(spec)
-            elif counter.spec != spec:  # LLM_BUDGETS changed under a running process (tests)
+            elif counter.spec is not spec and counter.spec != spec:  # LLM_BUDGETS changed (tests)
                 counter.spec = spec
             counters.append(counter)
         return tuple(counters)
 
-    def _take(self, counters: tuple[_Counter, ...], amount: int, by: str) -> Held:
-        now = time.monotonic()
+    def _take(self, counters: tuple[_Counter, ...], amount: int, by: str, now: float) -> Held:
         for counter in counters:
             counter.in_flight += amount
             counter.used_at = now
-        held = Held(counters, amount, by)
+        held = Held(counters, amount, by, now)
         self._open[id(held)] = held
         return held
 

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from app.llm.hooks import EmbedResponse
 from app.llm.media.types import MediaUsage
 from app.llm.providers.base import ChatRequest
 from app.llm.resilience.ratelimit import DEFAULT_ANSWER_TOKENS, estimate_tokens
 from app.llm.types import ChatResponse
+from app.llm.usage.settings import nano
 
 if TYPE_CHECKING:
     from app.llm.hooks import LLMCall
@@ -43,9 +43,12 @@ METADATA_KEY = "usage.booking"
 ZERO = Decimal(0)
 
 
-@dataclass(frozen=True)
-class Booking:
-    """One call's tokens and cost as booked; None where nothing is known."""
+class Booking(NamedTuple):
+    """One call's tokens and cost as booked; None where nothing is known.
+
+    A named tuple rather than a frozen dataclass: one is made per call, and a frozen
+    dataclass's ``__init__`` (a ``object.__setattr__`` per field) took three times as long.
+    """
 
     input_tokens: int | None
     output_tokens: int | None
@@ -54,10 +57,22 @@ class Booking:
     cache_write_tokens: int | None = None
     #: Some count was estimated (the provider did not report it).
     estimated: bool = False
-    #: USD; None when the model has no known price. 0 for a cache hit or a failure without usage.
-    cost: Decimal | None = ZERO
+    #: The cost, read as :attr:`cost`: a Decimal, or an exact whole number of 10**-``exponent`` USD
+    #: (the pricer's figure, made into a Decimal only when read: by the ledger's writer, off the call).
+    amount: Decimal | int | None = ZERO
+    exponent: int = 0
     #: Whether the tokens were billed at all (False: a cache hit, a hook's answer, a failure).
     billed: bool = True
+    #: The cost in nano-USD rounded up (what the budgets settle); None when the cost is.
+    nano_cost: int | None = 0
+
+    @property
+    def cost(self) -> Decimal | None:
+        """USD; None when the model has no known price. 0 for a cache hit or a failure without usage."""
+        amount = self.amount
+        if isinstance(amount, int):
+            return Decimal(f"{amount}E-{self.exponent}")  # exact (the constructor does not round)
+        return amount
 
 
 NOTHING = Booking(None, None, billed=False)
@@ -104,6 +119,23 @@ def _book(call: LLMCall, outcome: Any, pricer: Pricer) -> Booking:
             getattr(outcome, "cache_write_tokens", None),
             billed=False,
         )
+    if isinstance(outcome, ChatResponse):
+        input_tokens, output_tokens = outcome.input_tokens, outcome.output_tokens
+        estimated = False
+        if input_tokens is None and isinstance(request, ChatRequest):
+            input_tokens, estimated = prompt_tokens(request), True
+        if output_tokens is None:
+            output_tokens, estimated = _text_tokens(outcome), True
+        return _priced(
+            call,
+            pricer,
+            input_tokens or 0,
+            output_tokens,
+            estimated=estimated,
+            reasoning=outcome.reasoning_tokens,
+            cached=outcome.cached_input_tokens,
+            write=outcome.cache_write_tokens,
+        )
     if isinstance(outcome, EmbedResponse):
         inputs = getattr(request, "inputs", [])
         if outcome.input_tokens is not None:
@@ -113,25 +145,9 @@ def _book(call: LLMCall, outcome: Any, pricer: Pricer) -> Booking:
             call, pricer, sum(len(text) for text in inputs) // CHARS_PER_TOKEN + 1, 0, estimated=True
         )
     media = getattr(outcome, "usage", None)
-    if isinstance(media, MediaUsage):  # images or video: no tokens, priced per image or second
-        return Booking(None, None, cost=media.cost)
-    assert isinstance(outcome, ChatResponse)
-    input_tokens, output_tokens = outcome.input_tokens, outcome.output_tokens
-    estimated = False
-    if input_tokens is None and isinstance(request, ChatRequest):
-        input_tokens, estimated = prompt_tokens(request), True
-    if output_tokens is None:
-        output_tokens, estimated = _text_tokens(outcome), True
-    return _priced(
-        call,
-        pricer,
-        input_tokens or 0,
-        output_tokens,
-        estimated=estimated,
-        reasoning=outcome.reasoning_tokens,
-        cached=outcome.cached_input_tokens,
-        write=outcome.cache_write_tokens,
-    )
+    assert isinstance(media, MediaUsage), type(outcome)  # images or video: priced per image or second
+    cost = media.cost
+    return Booking(None, None, amount=cost, nano_cost=nano(cost) if cost is not None else None)
 
 
 def _priced(
@@ -145,5 +161,9 @@ def _priced(
     cached: int | None = None,
     write: int | None = None,
 ) -> Booking:
-    cost = pricer.cost(call.provider, call.model, input_tokens, output_tokens, cached or 0, write or 0)
-    return Booking(input_tokens, output_tokens, reasoning, cached, write, estimated, cost)
+    amount, exponent, nano_cost = pricer.price(
+        call.provider, call.model, input_tokens, output_tokens, cached or 0, write or 0
+    )
+    return Booking(
+        input_tokens, output_tokens, reasoning, cached, write, estimated, amount, exponent, True, nano_cost
+    )

@@ -194,8 +194,7 @@ class BudgetHook(LLMHook):
             output_tokens = request.max_tokens or most or self.default_output_tokens
             if most is not None:
                 output_tokens = min(output_tokens, most)
-        cost = self.pricer.cost(provider, model, input_tokens, output_tokens) or Decimal(0)
-        amount = nano(cost)
+        amount = self.pricer.nano_cost(provider, model, input_tokens, output_tokens) or 0
         return min(amount, self.max_reserve) if self.max_reserve is not None else amount
 
     # --- after ------------------------------------------------------------------------------
@@ -216,7 +215,7 @@ class BudgetHook(LLMHook):
         booking = booking_for(call, outcome, self.pricer)
         # Answered by a model without a price (a fallback): the estimate stands, unless allowed.
         unpriced = 0 if self.allow_unknown else held.amount
-        actual = nano(booking.cost) if booking.cost is not None else unpriced
+        actual = booking.nano_cost if booking.nano_cost is not None else unpriced
         self.accounts.settle(held, actual)
 
     # --- refused ----------------------------------------------------------------------------
