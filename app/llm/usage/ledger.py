@@ -95,14 +95,16 @@ class Entry(NamedTuple):
     attempts: int
 
 
-def _api_key_name() -> str | None:
-    """The /api key's name, when the call runs for an /api request (its app context has it).
+#: ``g``'s real object in the current app context (werkzeug's documented ``_get_current_object``,
+#: bound to the proxy once): each attribute of the proxy resolves the context again, through
+#: several Python frames.
+_current_globals: Callable[[], Any] = cast(Any, g)._get_current_object
 
-    ``g``'s real object is read once (werkzeug's documented ``_get_current_object``): each
-    attribute of the proxy resolves the context again, through several Python frames.
-    """
+
+def _api_key_name() -> str | None:
+    """The /api key's name, when the call runs for an /api request (its app context has it)."""
     try:
-        app_globals = cast(Any, g)._get_current_object()
+        app_globals = _current_globals()
     except RuntimeError:  # no app context: a call made outside the app
         return None
     name = getattr(app_globals.get("api_caller"), "name", None)
