@@ -21,6 +21,7 @@ from app.llm.catalogue import Catalogue, parse_overrides
 from app.llm.types import ChatResponse
 from app.llm.usage import LlmUsage, usage_state
 from app.llm.usage.pricing import Pricer
+from app.llm.usage.settings import nano
 from app.services.db_service import db
 from tests.conftest import CANARY_GEMINI_KEY, CANARY_KEY
 from tests.payloads import chat_completion, gemini_reply, gemini_text, gemini_usage
@@ -60,6 +61,22 @@ def test_the_pricer_equals_genai_prices_through_the_catalogue_for_any_usage(mode
     c = int(i * cached * 0.6)
     w = int((i - c) * written * 0.3) if provider == "anthropic" else 0
     assert _pricer.cost(provider, name, i, o, c, w) == _catalogue_cost(provider, name, i, o, c, w)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(MODELS), st.integers(0, 1_200_000), st.integers(0, 200_000), st.floats(0, 1))
+def test_the_budgets_nano_usd_are_genai_prices_figure_rounded_up(model, i, o, cached):
+    """The call's path prices in integers: its nano-USD are the catalogue's Decimal, rounded up."""
+    provider, name = model
+    c = int(i * cached * 0.6)
+    expected = _catalogue_cost(provider, name, i, o, 0, 0)
+    assert expected is not None
+    assert _pricer.nano_cost(provider, name, i, o) == nano(expected)
+    amount, exponent, nano_cost = _pricer.price(provider, name, i, o, c)
+    with_cached = _catalogue_cost(provider, name, i, o, c, 0)
+    assert with_cached is not None
+    assert nano_cost == nano(with_cached)
+    assert (Decimal(f"{amount}E-{exponent}") if isinstance(amount, int) else amount) == with_cached
 
 
 def test_a_tiered_price_is_priced_by_genai_prices_on_every_call():
