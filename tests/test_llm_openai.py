@@ -69,7 +69,7 @@ from tests.payloads import openai_text_chunks as text_chunks
 from tests.payloads import openai_text_stream as text_stream
 from tests.payloads import openai_tool_chunks as tool_chunks
 from tests.payloads import sse_data as event
-from tests.servers import Recorded, Reply, ScriptedServer
+from tests.servers import CLOSE, Recorded, Reply, ScriptedServer
 
 MODEL = "openai/gpt-4o-mini"
 SERVED_MODEL = "gpt-4o-mini-2024-07-18"
@@ -862,15 +862,25 @@ def test_an_abandoned_stream_closes_its_connection_on_a_keep_alive_server(make_a
     assert after != abandoned  # the next request needed a new connection
 
 
-def test_async_streams_read_to_the_end_reuse_the_connection_and_an_abandoned_one_closes_it(
-    make_app, upstream
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_streams_read_to_the_end_reuse_the_connection_and_an_abandoned_one_closes_it(
+    make_app, upstream, mode
 ):
-    # The sync SDK closes the connection after [DONE] without reading the end of the body, so
-    # sync streams never reuse one; the async SDK drains it. (Same with the raw SDK.)
+    # The body is read on past [DONE] to its end, so its connection goes back to the pool: the raw
+    # sync SDK closes it at [DONE] instead, and every later stream then needs a new connection.
     upstream.responder = _whole_sse_bodies
     app = make_app(OPENAI_API_KEY=CANARY_KEY, OPENAI_BASE_URL=upstream.url_for("/v1"), OPENAI_MAX_RETRIES=0)
 
-    async def run() -> None:
+    def run() -> None:
+        llm = get_llm()
+        for _ in range(2):
+            assert len(list(llm.chat_stream(USER, model=MODEL))) == 50
+        stream = llm.chat_stream(USER, model=MODEL)
+        next(stream)
+        stream.close()
+        llm.chat(USER, model=MODEL)
+
+    async def arun() -> None:
         llm = get_llm()
         for _ in range(2):
             assert len([text async for text in llm.achat_stream(USER, model=MODEL)]) == 50
@@ -879,11 +889,28 @@ def test_async_streams_read_to_the_end_reuse_the_connection_and_an_abandoned_one
         await stream.aclose()
         await llm.achat(USER, model=MODEL)
 
-    run_async(app, run)
+    if mode == "sync":
+        in_app(app, run)
+    else:
+        run_async(app, arun)
     first, second, abandoned, after = (request.port for request in upstream.requests)
-    assert first == second == abandoned  # read to [DONE]: the connection went back to the pool
+    assert first == second == abandoned  # read to the body's end: the connection went back to the pool
     assert upstream.wait_closed(abandoned), "the abandoned stream's connection stayed open"
     assert after != abandoned
+
+
+def test_a_stream_whose_connection_drops_after_done_is_complete(make_app, upstream):
+    # [DONE] was sent: what is left to read is the body's end, and the answer is whole.
+    app = make_app(OPENAI_API_KEY=CANARY_KEY, OPENAI_BASE_URL=upstream.url_for("/v1"), OPENAI_MAX_RETRIES=0)
+    chunks = [role_chunk(), *text_chunks("Hel", "lo"), chunk({}, "stop"), "[DONE]"]
+    upstream.script("/v1/chat/completions", Reply.stream([*(event(item) for item in chunks), CLOSE]))
+
+    def run() -> None:
+        with get_llm().chat_stream(USER, model=MODEL) as stream:
+            assert list(stream) == ["Hel", "lo"]
+        assert stream.response is not None and stream.response.finish_reason == "stop"
+
+    in_app(app, run)
 
 
 # --- errors --------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from app.llm.providers.base import (
     tool_call_from_json,
     with_key,
 )
+from app.llm.providers.sse_reader import ServerSentEvent, aiter_events, iter_events
 from app.llm.structured import schema_name, strict_json_schema
 from app.llm.types import ChatResponse, FinishReason, ImagePart, Message, TextPart
 
@@ -197,19 +198,16 @@ class OpenAIProvider(Provider):
         )
 
     def _create_stream(self, client: Any, params: dict[str, Any], options: dict[str, Any]) -> Any:
-        """The SDK's stream of chunks as JSON (``Stream[object]``: its documented no-cast), error
-        events still raised by it: building a ``ChatCompletionChunk`` model for every delta was
-        about a third of a streaming worker's CPU, and the events need a few fields of it."""
-        from openai import Stream
-        from openai.types.chat import ChatCompletion
+        """The streamed answer's HTTP response, unread (``cast_to=httpx2.Response``: the SDK's own
+        raw response, its errors and retries unchanged), read by :class:`_ChunkReader`."""
+        import httpx2
 
         return client.post(
             "/chat/completions",
             body={**params, **STREAMED},
-            cast_to=ChatCompletion,
+            cast_to=httpx2.Response,
             options=self._post_options(options),
             stream=True,
-            stream_cls=Stream[object],
         )
 
     async def _acreate(self, client: Any, params: dict[str, Any], options: dict[str, Any]) -> Any:
@@ -220,16 +218,14 @@ class OpenAIProvider(Provider):
         )
 
     async def _acreate_stream(self, client: Any, params: dict[str, Any], options: dict[str, Any]) -> Any:
-        from openai import AsyncStream
-        from openai.types.chat import ChatCompletion
+        import httpx2
 
         return await client.post(
             "/chat/completions",
             body={**params, **STREAMED},
-            cast_to=ChatCompletion,
+            cast_to=httpx2.Response,
             options=self._post_options(options),
             stream=True,
-            stream_cls=AsyncStream[object],
         )
 
     # --- request ---------------------------------------------------------------
@@ -367,19 +363,17 @@ class OpenAIProvider(Provider):
 
     def stream(self, request: ChatRequest) -> Iterator[StreamEvent]:
         client, options = self._client(request)
-        upstream = self._create_stream(client, self._params(request), options)
-        return _UpstreamEvents(upstream, self._stream(upstream))
+        response = self._create_stream(client, self._params(request), options)
+        return _UpstreamEvents(response, self._stream(response))
 
-    def _stream(self, upstream: Any) -> Generator[StreamEvent, None, None]:
-        ended = False  # a chunk with a finish_reason: the SDK hides [DONE] itself
+    def _stream(self, response: Any) -> Generator[StreamEvent, None, None]:
+        reader = _ChunkReader(response)
         try:
-            for chunk in upstream:
-                ended = ended or _finishes(chunk)
-                yield from self._events(chunk)
-            if not ended:
-                raise IncompleteStreamError("finish_reason", getattr(upstream, "response", None))
+            for sse in iter_events(reader.body()):
+                yield from reader.events(sse)
+            reader.end()
         finally:
-            upstream.close()  # closes the HTTP response: early exit frees the connection
+            response.close()  # after the body's end it goes back to the pool; before, it is closed
 
     def embed(self, request: EmbedRequest) -> list[list[float]]:
         client, options = self._client(request)
@@ -393,17 +387,15 @@ class OpenAIProvider(Provider):
 
     async def astream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         client, options = self._aclient(request)
-        upstream = await self._acreate_stream(client, self._params(request), options)
-        ended = False
+        response = await self._acreate_stream(client, self._params(request), options)
+        reader = _ChunkReader(response)
         try:
-            async for chunk in upstream:
-                ended = ended or _finishes(chunk)
-                for event in self._events(chunk):
+            async for sse in aiter_events(reader.abody()):
+                for event in reader.events(sse):
                     yield event
-            if not ended:
-                raise IncompleteStreamError("finish_reason", getattr(upstream, "response", None))
+            reader.end()
         finally:
-            await upstream.close()
+            await response.aclose()
 
     async def aembed(self, request: EmbedRequest) -> list[list[float]]:
         client, options = self._aclient(request)
@@ -444,6 +436,68 @@ class OpenAIProvider(Provider):
             message = str(body.get("message") or exc.message or "the stream failed")
             return _stream_error_class(code, message)(f"error in the stream: {message}", **context)
         return LLMError(f"{type(exc).__name__}: {exc}", **context)
+
+
+class _ChunkReader:
+    """One streamed answer's events, written once for the sync and async readers.
+
+    ``[DONE]`` is not the end of the reading: the body is read on to its end, as the
+    Anthropic SDK reads its streams, so that the connection goes back to the pool (openai's
+    sync ``Stream`` closes it at ``[DONE]``, which costs every later stream a new connection
+    and, against a real provider, a TLS handshake). Servers end the body right after it; a
+    transport error after it ends the reading, the answer being complete.
+    """
+
+    __slots__ = ("done", "finished", "response")
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+        self.done = False  # [DONE] seen
+        self.finished = False  # a chunk with a finish_reason seen: the answer's end marker
+
+    def events(self, sse: ServerSentEvent) -> Iterator[StreamEvent]:
+        if self.done:
+            return iter(())
+        if sse.data.startswith("[DONE]"):
+            self.done = True
+            return iter(())
+        chunk = json.loads(sse.data)
+        if isinstance(chunk, dict) and chunk.get("error"):  # an error event, raised as openai's Stream does
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            text = message if isinstance(message, str) and message else "An error occurred during streaming"
+            raise openai.APIError(text, request=self.response.request, body=error)
+        self.finished = self.finished or _finishes(chunk)
+        return OpenAIProvider._events(chunk)
+
+    def end(self) -> None:
+        if not self.finished:
+            raise IncompleteStreamError("finish_reason", self.response)
+
+    def body(self) -> Iterator[bytes]:
+        try:
+            yield from self.response.iter_bytes()
+        except Exception as exc:
+            self._transport_error(exc)
+
+    async def abody(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self.response.aiter_bytes():
+                yield piece
+        except Exception as exc:
+            self._transport_error(exc)
+
+    def _transport_error(self, exc: Exception) -> None:
+        """An error reading the body: none after ``[DONE]``; the SDK's own typed error before it."""
+        import httpx2
+
+        if self.done and isinstance(exc, httpx2.HTTPError):
+            return
+        if isinstance(exc, httpx2.TimeoutException):
+            raise openai.APITimeoutError(request=self.response.request) from exc
+        if isinstance(exc, httpx2.RequestError):
+            raise openai.APIConnectionError(request=self.response.request) from exc
+        raise exc
 
 
 def _finishes(chunk: object) -> bool:
