@@ -227,7 +227,9 @@ def _finish_headers(response: Response) -> Response:
     """
     reset = response.headers.get("RateLimit-Reset")
     if reset is not None and reset.isdigit():
-        response.headers["RateLimit-Reset"] = str(max(0, int(reset) - int(time.time())))
+        # Flask-Limiter writes int(reset time + 1): one less is the whole second at or before the
+        # window's reset, so a 60 s window never reads 61 (int(reset) - int(now) could).
+        response.headers["RateLimit-Reset"] = str(max(0, math.ceil(int(reset) - 1 - time.time())))
     quota_retry_after = response.headers.pop(_QUOTA_RETRY_AFTER, None)
     if g.get("api_over_quota") and quota_retry_after is not None:
         response.headers["Retry-After"] = str(max(1, int(quota_retry_after)))

@@ -214,6 +214,9 @@ def test_two_keys_from_two_addresses_have_separate_quotas_across_two_workers(
         REDIS_URL=redis_server.url,
         OPENAI_API_KEY=CANARY_KEY,
         OPENAI_BASE_URL=upstream.url_for("/v1"),
+        # A gthread worker accepts only as many connections as it has threads: with 2 each, one
+        # worker cannot take every request of a burst, however the kernel hands them out.
+        GUNICORN_THREADS="2",
     )
     alice = api_key_for_env(env, "alice", rpm=quota)
     bob = api_key_for_env(env, "bob", rpm=quota)

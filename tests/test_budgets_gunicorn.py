@@ -81,6 +81,9 @@ def test_50_concurrent_calls_from_2_workers_against_a_budget_for_10_make_10_requ
         OPENAI_BASE_URL=upstream.url_for("/v1"),
         LLM_BUDGETS=json.dumps({f"user:{user}": {"daily_usd": str(budget)}}),
         LLM_USAGE_FLUSH_INTERVAL="0.2",
+        # A gthread worker accepts only as many connections as it has threads: with 8 each, one
+        # worker cannot take all 50 calls at once, so both serve some on a busy machine too.
+        GUNICORN_THREADS="8",
     )
     headers = api_key_for_env(env, user, rpm=0, tpm=0)
     with run_gunicorn(env, "-w", "2", "tests.resilience_app:app", log=tmp_path / "g.log") as server:
