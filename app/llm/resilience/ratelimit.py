@@ -65,6 +65,7 @@ from app.connectors._base import keep_inherited, on_fork_in_child
 from app.connectors.redis_gate import RedisGate, fail_fast_pool
 from app.llm.errors import LLMRateLimitError
 from app.llm.resilience.steps import Flow, blocking, run_async, run_sync, sleep
+from app.llm.types import ImagePart
 
 if TYPE_CHECKING:
     from limits import RateLimitItem
@@ -104,8 +105,6 @@ def estimate_tokens(request: ChatRequest) -> int:
     :data:`DEFAULT_ANSWER_TOKENS`) for the answer. An estimate, corrected
     after the call by :meth:`RateLimiter.settle`.
     """
-    from app.llm.types import ImagePart
-
     chars = 0
     images = 0
     for message in request.messages:
