@@ -516,3 +516,39 @@ def test_a_callers_key_never_reaches_a_fallback_of_another_provider(app, upstrea
     assert r.content == "from the same provider" and r.model == "gpt-4o-mini"
     assert [key_of(req, "openai") for req in upstream.requests] == [TENANT_A, TENANT_B, TENANT_B]
     assert all(req.path == CHAT for req in upstream.requests), "nothing reached Gemini"
+
+
+# --- breakers: a tenant's quota is not the provider's health ----------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["chat", "stream"])
+def test_a_tenants_own_429s_do_not_open_the_breaker_every_tenant_shares(make_app, upstream, stream):
+    from app.llm import LLMCircuitOpenError, LLMRateLimitError
+
+    # Two calls in the window are enough to judge; no retries, so each call is one 429.
+    app = make_app({**settings(upstream), "LLM_BREAKER_MIN_CALLS": 2, "LLM_MAX_RETRIES": 0})
+    busy = Reply(429, openai_error("You exceeded your current quota", "insufficient_quota", None))
+    answer: Any = chat_completion("platform answer")
+    if stream:
+        answer = Reply.stream([openai_text_stream("platform ", "answer")])
+    upstream.script(CHAT, busy, busy, busy, busy, answer, busy)
+
+    def call(key: str | None) -> str:
+        llm = get_llm()
+        if stream:
+            with llm.chat_stream(USER, model="openai/gpt-4o", api_key=key) as deltas:
+                return "".join(deltas)
+        return llm.chat(USER, model="openai/gpt-4o", api_key=key).content or ""
+
+    with app.app_context():
+        for _ in range(4):  # a tenant whose quota is spent, again and again
+            with pytest.raises(LLMRateLimitError):
+                call(TENANT_A)
+        assert call(None) == "platform answer", "the breaker stayed closed for everyone else"
+        # The platform's own key running out is the provider failing for everyone: one 429 in
+        # two counted calls (the tenant's four count nothing) reaches the 50 % and opens it.
+        with pytest.raises(LLMRateLimitError):
+            call(None)
+        with pytest.raises(LLMCircuitOpenError):
+            call(TENANT_B)
+    assert [key_of(r, "openai") for r in upstream.requests] == [TENANT_A] * 4 + [CANARY_KEY] * 2

@@ -16,7 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from app.llm.errors import LLMBulkheadFullError, LLMCircuitOpenError, LLMError, LLMTimeoutError
+from app.llm.errors import (
+    LLMBulkheadFullError,
+    LLMCircuitOpenError,
+    LLMError,
+    LLMRateLimitError,
+    LLMTimeoutError,
+)
 from app.llm.providers.base import ChatRequest, EmbedRequest, StreamEnd, StreamEvent
 from app.llm.resilience.breaker import CircuitBreakers
 from app.llm.resilience.bulkhead import Bulkheads, Slot
@@ -52,16 +58,23 @@ def falls_back(error: LLMError) -> bool:
 class Admission:
     """What an open stream holds until it ends: its bulkhead slot, breaker verdict and reservation."""
 
-    __slots__ = ("_done", "guards", "key", "policy", "reservation", "slot")
+    __slots__ = ("_done", "guards", "key", "own_key", "policy", "reservation", "slot")
 
     def __init__(
-        self, guards: Guards, key: str, policy: ProviderPolicy, reservation: Reservation | None, slot: Slot
+        self,
+        guards: Guards,
+        key: str,
+        policy: ProviderPolicy,
+        reservation: Reservation | None,
+        slot: Slot,
+        own_key: bool = False,
     ) -> None:
         self.guards = guards
         self.key = key
         self.policy = policy
         self.reservation = reservation
         self.slot = slot
+        self.own_key = own_key
         self._done = False
 
     def end(self, error: LLMError | None, used_tokens: int | None) -> Step | None:
@@ -70,7 +83,7 @@ class Admission:
             return None
         self._done = True
         self.slot.release()
-        self.guards.record(self.key, self.policy, error)
+        self.guards.record(self.key, self.policy, error, own_key=self.own_key)
         return self.guards.settle(self.reservation, used_tokens) if error is None else None
 
     def cancel(self) -> None:
@@ -152,7 +165,8 @@ class Guards:
                 attempts.append(Attempt(key, "ok", (self._clock() - started) * 1000))
                 if usage is None:
                     events, first = result
-                    return events, first, Admission(self, key, policy, reservation, slot)
+                    own_key = request.api_key is not None
+                    return events, first, Admission(self, key, policy, reservation, slot, own_key)
                 slot.release()  # the healthy path, kept short: every call takes it
                 self.breakers.record(key, policy.breaker, "success")
                 if reservation is not None:
@@ -162,7 +176,7 @@ class Guards:
                 return result
             if slot is not None:
                 slot.release()
-            delay = self._failed(key, policy, error, started, attempts, retry, deadline_at)
+            delay = self._failed(request, key, policy, error, started, attempts, retry, deadline_at)
             yield sleep(delay)
             retry += 1
 
@@ -193,6 +207,7 @@ class Guards:
 
     def _failed(
         self,
+        request: ChatRequest | EmbedRequest,
         key: str,
         policy: ProviderPolicy,
         error: LLMError,
@@ -203,7 +218,7 @@ class Guards:
     ) -> float:
         """Record a failed attempt; the wait before the next one, or raise ``error`` now."""
         if not isinstance(error, LLMBulkheadFullError):  # already given back in _wait_for
-            self.record(key, policy, error)
+            self.record(key, policy, error, own_key=request.api_key is not None)
         attempts.append(
             Attempt(key, type(error).__name__, (self._clock() - started) * 1000, error.status_code)
         )
@@ -223,11 +238,24 @@ class Guards:
             slot.release()
             self.breakers.record(key, policy.breaker, "ignored")
 
-    def record(self, key: str, policy: ProviderPolicy, error: LLMError | None) -> None:
-        """Tell the breaker how the provider did (our own refusals are no verdict on it)."""
+    def record(
+        self, key: str, policy: ProviderPolicy, error: LLMError | None, *, own_key: bool = False
+    ) -> None:
+        """Tell the breaker how the provider did (our own refusals are no verdict on it).
+
+        With a caller's own key (``own_key``), a 429 is that key's quota running out,
+        not the provider failing: it counts nothing, so one tenant's exhausted quota
+        cannot open the breaker every other tenant's calls go through.
+        """
         if isinstance(error, LLMCircuitOpenError):
             return  # the breaker itself refused: nothing to report back to it
-        outcome: Outcome = "success" if error is None else "failure" if is_retryable(error) else "ignored"
+        outcome: Outcome
+        if error is None:
+            outcome = "success"
+        elif own_key and isinstance(error, LLMRateLimitError):
+            outcome = "ignored"
+        else:
+            outcome = "failure" if is_retryable(error) else "ignored"
         self.breakers.record(key, policy.breaker, outcome)
 
     def settle(self, reservation: Reservation | None, used_tokens: int | None) -> Step | None:
