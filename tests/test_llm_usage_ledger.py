@@ -335,6 +335,39 @@ with app.app_context():  # no `flask db upgrade`: the table is missing
     assert len(upstream.requests) == 3
 
 
+def test_closing_an_apps_services_writes_its_rows_or_reports_them_lost_then(make_app, upstream, caplog):
+    """reset_services (a worker's exit, a test's end) drains the app's ledger: rows are written,
+    or, with no table to write them to, reported lost at once (no 2 s of retries for a table that
+    will not come) and let go, so the process's exit has nothing left to say about this app."""
+    from app.services import reset_services
+
+    written = ledger_app(make_app, upstream, LLM_USAGE_FLUSH_INTERVAL=3600)
+    missing = make_app(
+        OPENAI_API_KEY=CANARY_KEY, OPENAI_BASE_URL=upstream.url_for("/v1"), LLM_USAGE_FLUSH_INTERVAL=3600
+    )
+    upstream.script(CHAT, *(chat_completion("hi") for _ in range(4)))
+    for app in (written, missing):
+        with app.app_context():
+            for _ in range(2):
+                get_llm().chat(MESSAGES, MODEL)
+    ledgers = [app.extensions["llm_usage"].ledger for app in (written, missing)]
+    assert [ledger.pending for ledger in ledgers] == [2, 2]
+    started = time.monotonic()
+    for app in (written, missing):
+        reset_services(app)
+    assert time.monotonic() - started < 1.5
+    assert [ledger.pending for ledger in ledgers] == [0, 0]
+    assert [ledger.exit_report() for ledger in ledgers] == [None, None]
+    with written.app_context():
+        assert db.session.scalar(select(func.count()).select_from(USAGE)) == 2
+    lost = [r.getMessage() for r in caplog.records if "could not write before its app closed" in r.getMessage()]
+    assert lost == [
+        "the usage ledger could not write before its app closed: 2 rows lost, and 0 dropped rows not"
+        " reported (OperationalError: (sqlite3.OperationalError) no such table: llm_usage"
+        " (run `flask db upgrade`))"
+    ]
+
+
 # --- PostgreSQL stopped for 5 s ------------------------------------------------------------------
 
 

@@ -31,7 +31,12 @@ def init_services(app: Flask) -> None:
 
 
 def reset_services(app: Flask) -> None:
-    """Close every client ``app`` built in this process (tests; worker exit)."""
+    """Close every client ``app`` built in this process (tests; worker exit), after writing the
+    usage rows that wait (their writes may need the database's client)."""
+    usage = app.extensions.get("llm_usage")
+    ledger = getattr(usage, "ledger", None)
+    if ledger is not None:
+        ledger.drain()
     for extension in list(app.extensions.values()):
         if isinstance(extension, Connector):
             extension.reset()

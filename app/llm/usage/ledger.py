@@ -187,6 +187,8 @@ class UsageLedger:
         #: time.monotonic() of the first failure of the current outage; None while writes succeed.
         self.failing_since: float | None = None
         self.last_error: str | None = None
+        #: The last write failed for want of the table: waiting will not bring it (flush gives up).
+        self._no_table = False
         self._retry_at = 0.0
         self._backoff = RETRY_FIRST
         self._warned_at = -WARN_INTERVAL
@@ -225,7 +227,7 @@ class UsageLedger:
         while self._rows:
             if self._write_batch():
                 continue
-            if time.monotonic() + 0.2 > deadline:
+            if self._no_table or time.monotonic() + 0.2 > deadline:
                 return False
             time.sleep(0.2)
         if self._unreported:
@@ -279,13 +281,15 @@ class UsageLedger:
                 self.failing_since = None
             self._backoff = RETRY_FIRST
             self._retry_at = 0.0
+            self._no_table = False
             return True
 
     def _failed(self, exc: Exception) -> None:
         now = time.monotonic()
         self.failing_since = self.failing_since or now
         text = redact(f"{type(exc).__name__}: {exc}").splitlines()[0][:250]
-        if "llm_usage" in text and ("no such table" in text or "does not exist" in text):
+        self._no_table = "llm_usage" in text and ("no such table" in text or "does not exist" in text)
+        if self._no_table:
             text += " (run `flask db upgrade`)"
         self.last_error = text
         self._retry_at = now + self._backoff
@@ -342,6 +346,26 @@ class UsageLedger:
             )
         else:
             logger.warning("the usage ledger dropped %d rows (its buffer was full)", self.dropped)
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Write what is waiting (the app's services are being closed: a worker's exit, a test's
+        end); what cannot be written within ``timeout`` is reported lost now and let go, rather
+        than at the process's exit, long after, for every app at once. The ledger stays usable."""
+        if self._rows or self._unreported:
+            self.flush(timeout=timeout)
+        report = self.exit_report()
+        if report is None:
+            return
+        with self._writing:
+            self._rows.clear()
+            self._unreported = 0
+        logger.error(
+            "the usage ledger could not write before its app closed: %d rows lost, and %d dropped rows"
+            " not reported (%s)",
+            report[0],
+            report[1],
+            report[2] or "out of time",
+        )
 
     def exit_report(self) -> tuple[int, int, str | None] | None:
         """What is lost at exit: (rows not written, dropped rows not reported, why); None: nothing."""
