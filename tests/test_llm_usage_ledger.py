@@ -360,7 +360,7 @@ def test_closing_an_apps_services_writes_its_rows_or_reports_them_lost_then(make
     assert [ledger.exit_report() for ledger in ledgers] == [None, None]
     with written.app_context():
         assert db.session.scalar(select(func.count()).select_from(USAGE)) == 2
-    lost = [r.getMessage() for r in caplog.records if "could not write before its app closed" in r.getMessage()]
+    lost = [r.getMessage() for r in caplog.records if "before its app closed" in r.getMessage()]
     assert lost == [
         "the usage ledger could not write before its app closed: 2 rows lost, and 0 dropped rows not"
         " reported (OperationalError: (sqlite3.OperationalError) no such table: llm_usage"
