@@ -114,7 +114,7 @@ GEMINI_STREAM = [
                                                   "index": 0}]}),
 ]  # fmt: skip
 
-# --- Anthropic: claude-sonnet-4-5 with thinking; 1500 tokens read from the cache, 188 written -------
+# --- Anthropic: claude-sonnet-4-6 with thinking; 1500 tokens read from the cache, 188 written -------
 
 ANTHROPIC_USAGE = {
     "input_tokens": 21,
@@ -129,7 +129,7 @@ ANTHROPIC_MESSAGE = {
     "id": "msg_01Aq9w938a90dw8q",
     "type": "message",
     "role": "assistant",
-    "model": "claude-sonnet-4-5-20250929",
+    "model": "claude-sonnet-4-6",
     "content": [
         {"type": "thinking", "thinking": "Euclid's argument...", "signature": "EqQBCgIYAhIM1gbcDa9GJwZA2b3h"},
         {"type": "text", "text": "Suppose there were finitely many..."},
@@ -200,13 +200,13 @@ CASES = [
          {"input_tokens": 2210, "output_tokens": 187 + 496, "total_tokens": 2893, "reasoning_tokens": 496,
           "cached_input_tokens": 2048, "cache_write_tokens": None, "response_id": "mXzTaPq7Bo2Yz7IPvKWQsAg"},
          ("gemini-2.5-flash", "google")),
-    Case("anthropic", "anthropic/claude-sonnet-4-5", "/v1/messages", "/v1/messages",
+    Case("anthropic", "anthropic/claude-sonnet-4-6", "/v1/messages", "/v1/messages",
          ANTHROPIC_MESSAGE, ANTHROPIC_STREAM,
          # input: the uncached 21, the 188 written to the cache and the 1500 read from it
          {"input_tokens": 21 + 188 + 1500, "output_tokens": 393, "total_tokens": 21 + 188 + 1500 + 393,
           "reasoning_tokens": 254, "cached_input_tokens": 1500, "cache_write_tokens": 188,
           "response_id": "msg_01Aq9w938a90dw8q"},
-         ("claude-sonnet-4-5", "anthropic")),
+         ("claude-sonnet-4-6", "anthropic")),
 ]  # fmt: skip
 
 
@@ -291,7 +291,7 @@ def test_the_cost_bills_reasoning_as_output_and_cached_input_at_its_price():
 
 
 def test_anthropic_cache_writes_are_priced_as_cache_writes():
-    # claude-sonnet-4-5: input 3, cache read 0.3, cache write (5 minutes) 3.75, output 15 per million.
+    # claude-sonnet-4-6: input 3, cache read 0.3, cache write (5 minutes) 3.75, output 15 per million.
     by_hand = (
         21 * Decimal(3) + 1500 * Decimal("0.3") + 188 * Decimal("3.75") + 393 * Decimal(15)
     ) / 1_000_000
