@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,22 +36,12 @@ def weather(city: str) -> str:
 
 
 def measure() -> dict[str, Any]:
-    from app import create_app
     from app.llm import get_llm
+    from bench.apps import bench_app
 
     server = start_server()
     base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    instance = tempfile.mkdtemp(prefix="bench-instance-")
-    app = create_app(
-        {
-            "TESTING": True,
-            "INSTANCE_PATH": instance,
-            "DOTENV_PATH": f"{instance}/none.env",
-            "OPENAI_API_KEY": "sk-bench-platform",
-            "OPENAI_BASE_URL": base_url,
-            "LLM_CALL_LOG": False,
-        }
-    )
+    app = bench_app(OPENAI_API_KEY="sk-bench-platform", OPENAI_BASE_URL=base_url, LLM_CALL_LOG=False)
     model = f"openai/{MODEL}"
     tenant = "sk-bench-tenant-0123456789abcdef"
 

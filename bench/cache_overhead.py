@@ -34,12 +34,12 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.apps import bench_app
 from bench.llm_overhead import CALLS, MESSAGES, MODEL, ROUNDS, _timed
 from bench.processes import in_processes, is_worker, ratio_text, report, spread
 
@@ -48,19 +48,7 @@ ADDRESS = f"openai/{MODEL}"
 
 
 def _app(base_url: str, **settings: Any) -> Any:
-    from app import create_app
-
-    instance = tempfile.mkdtemp(prefix="bench-instance-")
-    return create_app(
-        {
-            "TESTING": True,
-            "INSTANCE_PATH": instance,
-            "DOTENV_PATH": f"{instance}/none.env",
-            "OPENAI_API_KEY": "sk-bench",
-            "OPENAI_BASE_URL": base_url,
-            **settings,
-        }
-    )
+    return bench_app(OPENAI_API_KEY="sk-bench", OPENAI_BASE_URL=base_url, **settings)
 
 
 def _pair(first: Any, second: Any, calls: int = CALLS) -> tuple[float, float]:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.apps import bench_app
 from bench.llm_overhead import CALLS, MESSAGES, MODEL, _interleaved, _timed, start_server
 from bench.processes import in_processes, is_worker, ratio_text, report, spread
 
@@ -27,18 +27,7 @@ HOOKS = 3
 
 
 def _app(base_url: str) -> Any:
-    from app import create_app
-
-    instance = tempfile.mkdtemp(prefix="bench-instance-")
-    return create_app(
-        {
-            "TESTING": True,
-            "INSTANCE_PATH": instance,
-            "DOTENV_PATH": f"{instance}/none.env",
-            "OPENAI_API_KEY": "sk-bench",
-            "OPENAI_BASE_URL": base_url,
-        }
-    )
+    return bench_app(OPENAI_API_KEY="sk-bench", OPENAI_BASE_URL=base_url)
 
 
 def measure() -> dict[str, Any]:

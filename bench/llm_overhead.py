@@ -30,7 +30,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -174,22 +173,12 @@ def imported_sdks() -> list[str]:
 def measure() -> dict[str, Any]:
     import openai
 
-    from app import create_app
     from app.llm import get_llm
+    from bench.apps import bench_app
 
     server = start_server()
     base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    instance = tempfile.mkdtemp(prefix="bench-instance-")
-    app = create_app(
-        {
-            "TESTING": True,
-            "INSTANCE_PATH": instance,
-            "DOTENV_PATH": f"{instance}/none.env",
-            "OPENAI_API_KEY": "sk-bench",
-            "OPENAI_BASE_URL": base_url,
-            "OPENAI_MAX_RETRIES": 0,
-        }
-    )
+    app = bench_app(OPENAI_API_KEY="sk-bench", OPENAI_BASE_URL=base_url, OPENAI_MAX_RETRIES=0)
     client = openai.OpenAI(api_key="sk-bench", base_url=base_url, max_retries=0)
     model = f"openai/{MODEL}"
 

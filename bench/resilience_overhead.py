@@ -41,6 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.apps import bench_app  # noqa: E402
 from bench.llm_overhead import MESSAGES, MODEL, _interleaved, _timed, start_server  # noqa: E402
 from bench.processes import in_processes, is_worker, ratio_text, report, spread  # noqa: E402
 
@@ -84,20 +85,14 @@ def private_redis() -> Iterator[str | None]:
 
 
 def _app(base_url: str, redis_url: str | None) -> Any:
-    from app import create_app
-
-    instance = tempfile.mkdtemp(prefix="bench-instance-")
     config: dict[str, Any] = {
-        "TESTING": True,
-        "INSTANCE_PATH": instance,
-        "DOTENV_PATH": f"{instance}/none.env",
         "OPENAI_API_KEY": "sk-bench",
         "OPENAI_BASE_URL": base_url,
         "OPENAI_MAX_RETRIES": 0,
     }
     if redis_url is not None:
         config["REDIS_URL"] = redis_url
-    return create_app(config)
+    return bench_app(**config)
 
 
 def _backend(app: Any, key: str) -> str:
