@@ -204,6 +204,46 @@ def _address(body: Mapping[str, Any]) -> str:
     return model
 
 
+#: Passed to the layer as they are: it validates each (app.llm.params). Not taken over HTTP:
+#: ``extra`` (any provider field, ``n`` or a token limit past the cap among them), ``api_key``,
+#: ``fallbacks`` and ``cache`` (the operator's), ``tenant`` (the caller's API key's). ``user`` is
+#: taken, as OpenAI's clients send it, and ignored: the call's user is the API key's.
+GENERATION_PARAMETERS = (
+    "top_p",
+    "top_k",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "reasoning_effort",
+    "thinking_budget",
+    "safety",
+)
+CHAT_FIELDS = frozenset(
+    {"model", "profile", "messages", "stream", "tools", "tool_choice", "response_format", "temperature"}
+    | {"max_tokens", "user", *GENERATION_PARAMETERS}
+)
+
+
+def _generation(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The generation parameters given (the layer checks each), after refusing any other field."""
+    unknown = sorted(set(body) - CHAT_FIELDS)
+    if unknown:
+        raise BadRequest(
+            unknown[0],
+            f"{unknown[0]} is not a field of /api/chat (it takes {', '.join(sorted(CHAT_FIELDS))})",
+        )
+    options = {name: body[name] for name in GENERATION_PARAMETERS if body.get(name) is not None}
+    thinking = options.get("thinking_budget")
+    if isinstance(thinking, int) and not isinstance(thinking, bool):
+        cap = get_count(current_app.config, "LLM_MAX_TOKENS_LIMIT")
+        if thinking > cap:
+            raise BadRequest(
+                "thinking_budget", f"thinking_budget may be at most {cap} here (LLM_MAX_TOKENS_LIMIT)"
+            )
+    return options
+
+
 def _parse_chat(body: dict[str, Any]) -> ChatCall:
     """The call's arguments, checked for their JSON types only: the layer validates the rest."""
     address = _address(body)
@@ -237,6 +277,7 @@ def _parse_chat(body: dict[str, Any]) -> ChatCall:
         if max_tokens > cap:
             raise BadRequest("max_tokens", f"max_tokens may be at most {cap} here (LLM_MAX_TOKENS_LIMIT)")
         options["max_tokens"] = max_tokens
+    options.update(_generation(body))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream", "stream must be true or false")

@@ -206,6 +206,19 @@ def test_chat_sends_options_and_developer_messages_as_system(chat_app, local_ser
     }
 
 
+def test_chat_sends_the_generation_parameters_in_the_providers_form(chat_app, local_server):
+    local_server.expect_request(CHAT_PATH).respond_with_json(chat_completion("ok"))
+    options = {"top_p": 0.9, "stop": ["END"], "seed": 7, "presence_penalty": 0.5, "frequency_penalty": -0.5}
+
+    response = _post(chat_app, {"messages": MESSAGES, "model": "gpt-4o", **options, "user": "not me"})
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    (sent,) = _upstream_requests(local_server)
+    body = json.loads(sent.get_data())
+    assert {name: body.get(name) for name in options} == options
+    assert body["user"] == "tests"  # the API key's name, never the body's
+
+
 def tool_completion(*calls: tuple[str, str, str]) -> dict:
     completion = chat_completion(None, model="gpt-4o")
     choice = completion["choices"][0]
@@ -404,6 +417,20 @@ def test_structured_output_that_is_not_json_is_a_502(chat_app, local_server):
         ({"json": {"messages": MESSAGES, "model": "m", "max_tokens": 0}}, "max_tokens"),
         ({"json": {"messages": MESSAGES, "model": "m", "max_tokens": 2.5}}, "max_tokens"),
         ({"json": {"messages": MESSAGES, "model": "m", "stream": "yes"}}, "stream"),
+        ({"json": {"messages": MESSAGES, "model": "m", "top_p": 1.5}}, "top_p"),
+        ({"json": {"messages": MESSAGES, "model": "m", "stop": ["ok", ""]}}, "stop[1]"),
+        ({"json": {"messages": MESSAGES, "model": "m", "seed": 2**64}}, "seed"),
+        ({"json": {"messages": MESSAGES, "model": "m", "presence_penalty": -3}}, "presence_penalty"),
+        ({"json": {"messages": MESSAGES, "model": "m", "reasoning_effort": "max"}}, "reasoning_effort"),
+        ({"json": {"messages": MESSAGES, "model": "m", "thinking_budget": 100_000_000}}, "thinking_budget"),
+        ({"json": {"messages": MESSAGES, "model": "m", "safety": []}}, "safety"),
+        # Any provider field and the operator's settings are not taken over HTTP, nor left unsaid.
+        ({"json": {"messages": MESSAGES, "model": "m", "extra": {"n": 64}}}, "extra"),
+        ({"json": {"messages": MESSAGES, "model": "m", "max_completion_tokens": 10**8}},
+         "max_completion_tokens"),
+        ({"json": {"messages": MESSAGES, "model": "m", "api_key": "sk-other"}}, "api_key"),
+        ({"json": {"messages": [{"role": "user", "content": "0", "tool_calls": 1}], "model": "m"}},
+         "messages[0].tool_calls"),
     ],
 )  # fmt: skip
 def test_invalid_body_is_a_400_naming_the_field(chat_app, local_server, kwargs, field):

@@ -249,6 +249,24 @@ chat_bodies = st.fixed_dictionaries(
         "user": json_values,
     },
 )  # fmt: skip
+#: The generation parameters, on one body in nine: each provider refuses some of them (OpenAI
+#: takes no ``top_k``), so on every body they would leave few that reach an upstream.
+generation = st.fixed_dictionaries(
+    {},
+    optional={
+        "top_p": maybe(st.floats(min_value=0, max_value=1)),
+        "top_k": maybe(st.integers(min_value=1, max_value=100)),
+        "stop": maybe(texts | st.lists(texts, max_size=20)),
+        "seed": sometimes(st.just(2**64), st.integers(min_value=-(2**31), max_value=2**31 - 1)),
+        "presence_penalty": maybe(st.floats(min_value=-2, max_value=2)),
+        "frequency_penalty": maybe(st.floats(min_value=-2, max_value=2)),
+        "reasoning_effort": sometimes(st.just("max"), st.sampled_from(["minimal", "low", "medium", "high"])),
+        "thinking_budget": sometimes(st.just(100_000_000), st.integers(min_value=-1, max_value=4000)),
+        "safety": maybe(st.just({"HARM_CATEGORY_HARASSMENT": "BLOCK_ONLY_HIGH"})),
+        "extra": json_values,
+    },
+)
+chat_bodies = sometimes(st.builds(lambda body, more: {**body, **more}, chat_bodies, generation), chat_bodies)
 embedding_bodies = st.fixed_dictionaries(
     {"model": maybe(st.sampled_from(["openai/text-embedding-3-small", "text-embedding-3-small",
                                      "gemini/gemini-embedding-001"])) | models,

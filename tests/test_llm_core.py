@@ -121,6 +121,16 @@ def test_plain_messages_become_message_values():
             "messages[1].tool_call_id is required",
             "messages[1].tool_call_id",
         ),
+        (  # found by the /api fuzz test: a TypeError, and a 500, before this check
+            [{"role": "user", "content": "0", "tool_calls": 1}],
+            "messages[0].tool_calls must be a list of tool calls",
+            "messages[0].tool_calls",
+        ),
+        (
+            [{"role": "user", "content": "0", "tool_calls": [{"id": "c", "name": "f", "arguments": {}}]}],
+            "messages[0].tool_calls must be a list of tool calls, on an assistant message",
+            "messages[0].tool_calls",
+        ),
     ],
 )
 def test_a_bad_message_is_a_bad_request_naming_the_index_and_field(messages, needle, field):

@@ -235,6 +235,13 @@ def _message(index: int, raw: Any) -> Message:
         )
     where = f"messages[{index}]"
     raw_calls = raw.get("tool_calls")
+    if raw_calls is not None and (
+        not isinstance(raw_calls, list | tuple) or (raw_calls and role != "assistant")
+    ):
+        raise LLMBadRequestError(
+            f"{where}.tool_calls must be a list of tool calls, on an assistant message",
+            field=f"{where}.tool_calls",
+        )
     parts = _parts(where, content, allow_empty=role == "assistant" and bool(raw_calls))
     tool_calls = (
         tuple(_tool_call(f"{where}.tool_calls[{i}]", c) for i, c in enumerate(raw_calls)) if raw_calls else ()
