@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.llm_overhead import CALLS, MESSAGES, MODEL, _interleaved, _timed, start_server  # noqa: E402
-from bench.processes import in_processes, is_worker, ratio_text, report, spread  # noqa: E402
+from bench.processes import SMOKE, in_processes, is_worker, ratio_text, report, spread  # noqa: E402
 
-NEW_KEYS = 300
+NEW_KEYS = 3 if SMOKE else 300
 
 
 def weather(city: str) -> str:

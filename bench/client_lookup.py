@@ -19,9 +19,10 @@ from flask import current_app
 
 from app import create_app
 from app.services.openai_service import get_openai_client
+from bench.processes import SMOKE
 
-ROUNDS = 15
-CALLS = 200_000
+ROUNDS = 2 if SMOKE else 15
+CALLS = 1_000 if SMOKE else 200_000
 
 
 def baseline() -> object:

@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.processes import in_processes, is_worker, ratio_text, report, spread  # noqa: E402
+from bench.processes import SMOKE, in_processes, is_worker, ratio_text, report, spread  # noqa: E402
 
-SAMPLES = 15
+SAMPLES = 2 if SMOKE else 15
 
 MODEL = """
 from sqlalchemy import String

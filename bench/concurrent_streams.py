@@ -46,6 +46,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.processes import SMOKE  # noqa: E402
+
 PYTHON = sys.executable
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 
@@ -560,7 +563,7 @@ async def run_litellm_row(
 
 
 async def first_call(
-    worker_class: str, preload: bool, tmp: Path, upstream_port: int, warm: int = 20
+    worker_class: str, preload: bool, tmp: Path, upstream_port: int, warm: int = 3 if SMOKE else 20
 ) -> dict[str, Any]:
     """A fresh gunicorn (``-w 1``): its first ``/api/chat`` against the median of the ``warm`` after it."""
     port = free_port()
@@ -655,7 +658,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             *main(["--scenario", "first-call"]),
         ]
     if args.scenario == "first-call":  # a new worker's first /api/chat against its warm ones
-        first = asyncio.run(first_call_scenario(3))
+        first = asyncio.run(first_call_scenario(1 if SMOKE else 3))
         print(f"first /api/chat in a new worker vs a warm one (3 processes); load {os.getloadavg()[0]:.2f}")
         for row in first:
             print(f"  {row}")
@@ -665,6 +668,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.gateway = False
     elif args.scenario == "acceptance":  # 1,000 streams of 20 deltas over 10 s on gevent
         args.clients, args.deltas, args.seconds, args.classes = 1000, 20, 10.0, "gevent"
+    if SMOKE:
+        args.clients, args.deltas, args.seconds = min(args.clients, 4), 2, 0.2
     rows = asyncio.run(scenario(args))
     if args.json:
         print(json.dumps(rows))

@@ -40,11 +40,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.processes import in_processes, is_worker, ratio_text, report, spread  # noqa: E402
+from bench.processes import SMOKE, in_processes, is_worker, ratio_text, report, spread  # noqa: E402
 
-ROUNDS = 15
-CALLS = 200
-STREAM_CALLS = 50
+ROUNDS = 2 if SMOKE else 15
+CALLS = 4 if SMOKE else 200
+STREAM_CALLS = 2 if SMOKE else 50
 MODEL = "gpt-4o-mini"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
 SDKS = ("openai", "google.genai", "anthropic", "redis")

@@ -13,6 +13,7 @@ other, and each figure reported as the median of their results with its range.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,8 +22,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_FLAG = "--worker"
+#: ``BENCH_SMOKE=1``: every bench runs once, on a few calls, to show it still runs (the suite's
+#: tests/test_bench_smoke.py); its figures mean nothing.
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"
 #: Processes per benchmark: enough for a median that one odd process cannot move.
-PROCESSES = 3
+PROCESSES = 1 if SMOKE else 3
 
 
 def is_worker() -> bool:

@@ -1,7 +1,8 @@
 """The cost of the resilience policy: on a healthy call, and for a call an open breaker rejects.
 
 (a) ``get_llm().chat(...)`` (the call pipeline: hooks, with the call log hook
-that ships on, the fallback chain, and the policy: rate limit -> deadline ->
+that ships on (the usage ledger, on by default, is off here: its cost is
+:mod:`bench.usage_overhead`'s figure), the fallback chain, and the policy: rate limit -> deadline ->
 retry -> breaker -> bulkhead -> attempt, plus the attempts record) against the
 same layer with all that off: ``llm._request(...)``, then
 ``provider.chat(request)`` on the provider adapter and the latency stamped on
@@ -43,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.apps import bench_app  # noqa: E402
 from bench.llm_overhead import MESSAGES, MODEL, _interleaved, _timed, start_server  # noqa: E402
-from bench.processes import in_processes, is_worker, ratio_text, report, spread  # noqa: E402
+from bench.processes import SMOKE, in_processes, is_worker, ratio_text, report, spread  # noqa: E402
 
-CALLS = 200
-REJECTED_CALLS = 3000
+CALLS = 4 if SMOKE else 200
+REJECTED_CALLS = 110 if SMOKE else 3000
 ADDRESS = f"openai/{MODEL}"
 
 
@@ -111,7 +112,7 @@ def healthy(app: Any, expected_backend: str) -> dict[str, float]:
     def policy_off() -> object:
         started = time.perf_counter()
         llm = get_llm()
-        provider, request = llm._request(MESSAGES, ADDRESS, None, None, None, None, None, None)
+        provider, request = llm._request(MESSAGES, ADDRESS, {})
         response = provider.chat(request)
         response.latency_ms = (time.perf_counter() - started) * 1000  # the layer's own last step
         return response

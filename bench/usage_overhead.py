@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.llm_overhead import CALLS, MESSAGES, MODEL, _interleaved, _timed, start_server  # noqa: E402
-from bench.processes import in_processes, is_worker, ratio_text, report, spread  # noqa: E402
+from bench.processes import SMOKE, in_processes, is_worker, ratio_text, report, spread  # noqa: E402
 from bench.resilience_overhead import private_redis  # noqa: E402
 
 ADDRESS = f"openai/{MODEL}"
@@ -52,7 +52,7 @@ USER = "bench"
 #: Budgets: far from the limit, and with no room to lend (each call then asks Redis).
 FAR = {"user": {"daily_usd": 1000}}
 NEAR = {"user": {"daily_usd": "0.09"}}  # under 16 calls' reservations (about $0.0098 each)
-ROWS = 1_000_000
+ROWS = 1_000 if SMOKE else 1_000_000
 
 
 def _app(base_url: str, redis_url: str, **settings: Any) -> Any:
