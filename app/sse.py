@@ -159,15 +159,17 @@ def _event(kind: str, value: Any, structured: bool) -> str | None:
 # --- the reader: opens the stream and reads it, apart from the request ------------------
 
 
+def _failure(exc: Exception) -> tuple[str, Exception]:
+    """The event for an error: the layer's own (``error``: its status and body) or a bug (``failed``)."""
+    return ("error", exc) if isinstance(exc, LLMError) else ("failed", exc)
+
+
 def _read(opener: Callable[[], ChatStream], put: Put, cancelled: Cancelled) -> None:
     """Sync: in a greenlet (killed when the client leaves) or a thread (told to stop)."""
     try:
         stream = opener()
-    except LLMError as exc:
-        put(("error", exc))
-        return
     except Exception as exc:
-        put(("failed", exc))
+        put(_failure(exc))
         return
     try:
         for text in stream:
@@ -175,10 +177,8 @@ def _read(opener: Callable[[], ChatStream], put: Put, cancelled: Cancelled) -> N
                 return
             put(("delta", text))
         put(("done", stream.response))
-    except LLMError as exc:
-        put(("error", exc))
     except Exception as exc:
-        put(("failed", exc))
+        put(_failure(exc))
     finally:
         stream.close()  # closes the upstream connection if it is still open
 
@@ -187,20 +187,15 @@ async def _aread(aopener: Callable[[], Any], put: Put) -> None:
     """Async: a task on the worker's loop, cancelled when the client leaves."""
     try:
         stream = aopener()
-    except LLMError as exc:
-        put(("error", exc))
-        return
     except Exception as exc:
-        put(("failed", exc))
+        put(_failure(exc))
         return
     try:
         async for text in stream:
             put(("delta", text))
         put(("done", stream.response))
-    except LLMError as exc:
-        put(("error", exc))
     except Exception as exc:
-        put(("failed", exc))
+        put(_failure(exc))
     finally:
         await stream.aclose()
 
