@@ -86,10 +86,12 @@ def private_redis() -> Iterator[str | None]:
 
 
 def _app(base_url: str, redis_url: str | None) -> Any:
+    # The usage ledger, on by default, is a hook too: its cost is the usage bench's row, not this one's.
     config: dict[str, Any] = {
         "OPENAI_API_KEY": "sk-bench",
         "OPENAI_BASE_URL": base_url,
         "OPENAI_MAX_RETRIES": 0,
+        "LLM_USAGE_LEDGER": False,
     }
     if redis_url is not None:
         config["REDIS_URL"] = redis_url
