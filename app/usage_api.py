@@ -12,14 +12,14 @@ included; defaults: the 30 days to today); a bad one is a 400 naming it.
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api import error_response
 from app.api_keys import ApiCaller, ApiKeyError, ApiKeysUnavailableError, caller_for_key, presented_key
-from app.llm.usage.report import GROUPS, Scope, usage_report
+from app.llm.usage.report import GROUPS, Scope, default_start, usage_report
 from app.services.db_service import db
 
 __all__ = ["bp"]
@@ -27,7 +27,6 @@ __all__ = ["bp"]
 bp = Blueprint("usage_api", __name__, url_prefix="/api")
 
 #: Days a report covers when ``from`` is not given, and the most it may cover.
-DEFAULT_DAYS = 30
 MAX_DAYS = 3660
 
 
@@ -67,7 +66,7 @@ def usage() -> Response:
             )
     try:
         end = _day("to", datetime.now(UTC).date())
-        start = _day("from", end - timedelta(days=DEFAULT_DAYS - 1))
+        start = _day("from", default_start(end))
         if start > end:
             raise _BadParameter("from", f"from ({start}) is after to ({end})")
         if (end - start).days >= MAX_DAYS:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event, text
 
 from app.llm.usage import usage_state
@@ -128,6 +130,45 @@ def test_bad_parameters_are_400_naming_the_field(usage_app, query, field, messag
     assert message in response.json["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("query", "first", "last"),
+    [
+        # The first days a date holds: the default first day was 29 days before, an OverflowError.
+        ("to=0001-01-05", "0001-01-01", "0001-01-05"),
+        ("from=0001-01-01&to=0001-01-01", "0001-01-01", "0001-01-01"),
+        ("from=9999-12-31&to=9999-12-31", "9999-12-31", "9999-12-31"),
+    ],
+)
+def test_the_first_and_last_days_a_date_holds_are_a_report_not_a_500(usage_app, query, first, last):
+    headers = api_key_headers(usage_app, "dora")
+    response = usage_app.test_client().get(f"/api/usage?{query}", headers=headers)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert (response.json["from"], response.json["to"]) == (first, last)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],  # one app for all
+)
+@given(
+    query=st.dictionaries(
+        st.sampled_from(["from", "to", "group_by", "other"]),
+        st.dates().map(date.isoformat) | st.text(max_size=12) | st.sampled_from(["day", "model", "user"]),
+        max_size=3,
+    )
+)
+def test_no_query_gets_a_server_error(usage_app, query):
+    if "FUZZ_HEADERS" not in usage_app.config:  # one key for every example
+        usage_app.config["FUZZ_HEADERS"] = api_key_headers(usage_app, "fuzz")
+    headers = usage_app.config["FUZZ_HEADERS"]
+    response = usage_app.test_client().get("/api/usage", query_string=query, headers=headers)
+    assert response.status_code in (200, 400), response.get_data(as_text=True)
+    if response.status_code == 400:
+        assert response.json["error"]["field"] in ("from", "to", "group_by")
+
+
 def test_without_a_key_it_is_401_and_with_keys_off_everything(usage_app, make_app):
     response = usage_app.test_client().get("/api/usage")
     assert response.status_code == 401 and response.json["error"]["type"] == "unauthorized"
@@ -232,6 +273,8 @@ def test_flask_llm_usage_prints_a_table(usage_app, upstream):
     rebuilt = runner.invoke(args=["llm", "usage", "--rebuild", "--from", TODAY, "--to", TODAY])
     assert rebuilt.exit_code == 0 and "rebuilt the rollup" in rebuilt.output
     assert rebuilt.output.count("$0.75") == 2  # the same sums, from the rows
+    last_day = runner.invoke(args=["llm", "usage", "--rebuild", "--from", "9999-12-31", "--to", "9999-12-31"])
+    assert last_day.exit_code == 0, last_day.output  # no day after it to bound the rows by
     assert CANARY_KEY not in result.output + by_user.output + rebuilt.output
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.llm.cli import llm_cli
 from app.llm.usage.models import DAILY, DROPS, USAGE
-from app.llm.usage.report import GROUPS, rebuild_rollup, usage_report
+from app.llm.usage.report import GROUPS, default_start, rebuild_rollup, usage_report
 from app.llm.usage.settings import usd_text
 from app.redaction import redact
 from app.services.db_service import db
@@ -27,7 +27,6 @@ from app.services.db_service import db
 __all__ = ["budgets_command", "usage_command"]
 
 #: Days a report covers when ``--from`` is not given.
-DEFAULT_DAYS = 30
 _DATE = click.DateTime(formats=["%Y-%m-%d"])
 
 
@@ -54,7 +53,7 @@ def usage_command(
         _health()
         return
     last = end.date() if end else _today()
-    first = start.date() if start else last - timedelta(days=DEFAULT_DAYS - 1)
+    first = start.date() if start else default_start(last)
     if first > last:
         _fail(f"--from ({first}) is after --to ({last})")
     try:

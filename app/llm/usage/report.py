@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection
     from sqlalchemy.orm import Session, scoped_session
 
-__all__ = ["GROUPS", "Scope", "rebuild_rollup", "usage_report"]
+__all__ = ["DEFAULT_DAYS", "GROUPS", "Scope", "default_start", "rebuild_rollup", "usage_report"]
 
 #: ``group_by`` -> the rollup's columns it groups on.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -47,6 +47,16 @@ class Scope:
 
     tenant: str
     user: str
+
+
+#: Days a report covers when it is given no first day.
+DEFAULT_DAYS = 30
+
+
+def default_start(end: date) -> date:
+    """The first day of a report ending on ``end`` that names none: ``DEFAULT_DAYS`` days, fewer
+    near the first day a ``date`` can hold (``to=0001-01-05`` was an OverflowError, and a 500)."""
+    return date.fromordinal(max(1, end.toordinal() - (DEFAULT_DAYS - 1)))
 
 
 def usage_report(
@@ -147,9 +157,14 @@ def rebuild_rollup(connection: Connection, start: date, end: date) -> int:
             billed_sum(usage.c.cached_input_tokens),
             func.coalesce(func.sum(usage.c.cost), 0),
         )
-        .where(usage.c.started_at >= start, usage.c.started_at < end + timedelta(days=1))
+        .where(usage.c.started_at >= start, *_before_day_after(usage.c.started_at, end))
         .group_by(day, tenant, user, usage.c.provider, usage.c.model)
     )
     columns = ["day", "tenant", "user_name", "provider", "model", *_SUMS, "cost"]
     result = connection.execute(insert(daily).from_select(columns, source))
     return int(result.rowcount or 0)
+
+
+def _before_day_after(column: Any, end: date) -> list[Any]:
+    """``column`` before the day after ``end`` (none to compare with after the last day a date holds)."""
+    return [column < end + timedelta(days=1)] if end < date.max else []
