@@ -416,3 +416,62 @@ def test_no_body_gets_a_server_error_through_the_test_client_and_gunicorn(
     assert expected <= reached, reached
     assert any(request.json.get("stream") for request in healthy_upstream.requests if request.json)
     assert "Traceback" not in output, output[-3000:]
+
+
+# --- the media jobs: POST /api/images and /api/videos -----------------------------------------
+
+media_models = maybe(
+    sometimes(
+        st.sampled_from(["", "nope/m", "openai/", "/m", "imagen", "anthropic/claude-sonnet-4-6"]),
+        st.sampled_from(
+            ["gemini/imagen-4.0-generate-001", "openai/gpt-image-1", "gemini/veo-3.0-generate-001"]
+        ),
+    )
+)
+image_bodies = st.fixed_dictionaries(
+    {"model": media_models, "prompt": maybe(texts)},
+    optional={
+        "n": maybe(st.integers(min_value=-1, max_value=12)),
+        "size": maybe(st.sampled_from(["1024x1024", "auto", "999x999"])),
+        "aspect_ratio": maybe(st.sampled_from(["1:1", "16:9", "5:7"])),
+        "negative_prompt": maybe(texts),
+        "seed": maybe(st.integers(min_value=-(2**70), max_value=2**70)),
+        "colour": json_values,
+    },
+)
+video_bodies = st.fixed_dictionaries(
+    {"model": media_models, "prompt": maybe(texts)},
+    optional={
+        "image": maybe(st.sampled_from([{"data": "aGk="}, {"data": "%%%"}, {"media": "../x"}, {}])),
+        "duration_seconds": maybe(st.integers(min_value=-1, max_value=60)),
+        "aspect_ratio": maybe(st.sampled_from(["16:9", "9:16", "1:1"])),
+        "resolution": maybe(st.sampled_from(["720p", "1080p", "8k"])),
+        "negative_prompt": maybe(texts),
+        "seed": maybe(st.integers(min_value=-(2**70), max_value=2**70)),
+    },
+)
+
+
+def _fuzz_once(path: str, strategy: st.SearchStrategy[Any], send: Send) -> list[int]:
+    statuses: list[int] = []
+
+    @settings(
+        FUZZ,
+        max_examples=500,
+        suppress_health_check=[*FUZZ.suppress_health_check, HealthCheck.function_scoped_fixture],
+    )
+    @given(body=bodies(strategy))
+    def fuzz(body: bytes) -> None:
+        check_answer(*send(path, body), statuses)
+
+    fuzz()
+    return statuses
+
+
+def test_no_media_body_gets_a_server_error(make_app, healthy_upstream):
+    """A job is accepted (202) or refused by field (4xx) at once: its failures are the job's."""
+    app = make_app(upstream_settings(healthy_upstream))
+    send = client_transport(app, {**api_key_headers(app, rpm=0, tpm=0), "Content-Type": "application/json"})
+    for path, strategy in (("/api/images", image_bodies), ("/api/videos", video_bodies)):
+        statuses = _fuzz_once(path, strategy, send)
+        assert 202 in statuses and 400 in statuses, sorted(set(statuses))

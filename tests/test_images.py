@@ -172,6 +172,8 @@ def test_post_images_refuses_a_bad_body_by_field(media_app, gemini):
         ({"prompt": "x", "model": IMAGEN, "colour": "red"}, "colour"),
         ({"prompt": "x"}, "model"),
         ({"prompt": 3, "model": IMAGEN}, "prompt"),
+        ({"prompt": "x", "model": "nope/imagen"}, "model"),  # a 503 "not configured" before
+        ({"prompt": "x", "model": "gemini/"}, "model"),
     ]:
         answer = client.post("/api/images", headers=headers, json=body)
         assert answer.status_code == 400 and answer.json["error"]["field"] == field, answer.json

@@ -209,6 +209,7 @@ def test_post_videos_with_an_image_and_the_job_url(video_app, gemini):
         ({"prompt": "x", "model": VEO, "duration_seconds": 0}, "duration_seconds"),
         ({"prompt": "x", "model": VEO, "image": {"data": "%%%"}}, "image.data"),
         ({"prompt": "x", "model": VEO, "image": {"media": "f" * 64 + ".png"}}, "image"),
+        ({"prompt": "x", "model": "nope/veo"}, "model"),  # a 503 "not configured" before
     ],
 )
 def test_post_videos_refuses_a_bad_body_by_field(video_app, gemini, body, field):

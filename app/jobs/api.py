@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Response, jsonify, send_file, url_for
 
-from app.api import BadRequest, _bad_request, _body, _whose, bp, error_response, llm_error_response
+from app.api import BadRequest, _address, _bad_request, _body, _whose, bp, error_response, llm_error_response
 from app.llm import LLMError
 
 IMAGE_FIELDS = {"prompt", "model", "n", "size", "aspect_ratio", "negative_prompt", "seed"}
@@ -30,7 +30,9 @@ def _fields(body: dict[str, Any], known: set[str]) -> dict[str, Any]:
         raise BadRequest(unknown[0], f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
     if not isinstance(body.get("model"), str):
         raise BadRequest("model", "model must be 'provider/model', a string")
-    return body
+    # An unknown provider is the caller's mistake (400), as for the chat: the layer, which cannot
+    # tell it from a profile left out of the settings, says not configured (503).
+    return {**body, "model": _address(body)}
 
 
 def _accepted(job: Any) -> Response:
