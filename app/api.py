@@ -46,6 +46,7 @@ from app.config import get_count
 from app.errors import ConfigError, UnknownProfileError
 from app.llm import ChatResponse, LLMError, LLMResponseError, LLMServerError, get_llm
 from app.llm.client import OPENAI_PROVIDER
+from app.llm.providers.base import GENERATION_PARAMETERS
 from app.redaction import redact
 from app.sse import SSE_HEADERS, _sse, _sse_response, check_settings, stream_chat  # noqa: F401 (moved there)
 
@@ -204,21 +205,11 @@ def _address(body: Mapping[str, Any]) -> str:
     return model
 
 
-#: Passed to the layer as they are: it validates each (app.llm.params). Not taken over HTTP:
-#: ``extra`` (any provider field, ``n`` or a token limit past the cap among them), ``api_key``,
-#: ``fallbacks`` and ``cache`` (the operator's), ``tenant`` (the caller's API key's). ``user`` is
-#: taken, as OpenAI's clients send it, and ignored: the call's user is the API key's.
-GENERATION_PARAMETERS = (
-    "top_p",
-    "top_k",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "reasoning_effort",
-    "thinking_budget",
-    "safety",
-)
+#: The layer's generation parameters (``top_p`` … ``safety``) are passed to it as they are: it
+#: validates each (app.llm.params). Not taken over HTTP: ``extra`` (any provider field, ``n`` or
+#: a token limit past the cap among them), ``api_key``, ``fallbacks`` and ``cache`` (the
+#: operator's), ``tenant`` (the caller's API key's). ``user`` is taken, as OpenAI's clients send
+#: it, and ignored: the call's user is the API key's.
 CHAT_FIELDS = frozenset(
     {"model", "profile", "messages", "stream", "tools", "tool_choice", "response_format", "temperature"}
     | {"max_tokens", "user", *GENERATION_PARAMETERS}
