@@ -15,11 +15,13 @@ optional expiry and a revocation time. Times are stored as naive UTC.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -151,8 +153,10 @@ def create_api_key(
     name = _check_name(name, "name")
     tenant = _check_name(tenant, "tenant") if tenant is not None else None
     for what, value in (("rpm", rpm), ("tpm", tpm)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{what} must be a whole number of 0 or more (0: no limit)")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_QUOTA
+        ):
+            raise ValueError(f"{what} must be a whole number from 0 to {MAX_QUOTA} (0: no limit)")
     if expires_at is not None:
         expires_at = expires_at.astimezone(UTC).replace(tzinfo=None) if expires_at.tzinfo else expires_at
         if expires_at <= _utcnow():
@@ -256,6 +260,24 @@ def presented_key(headers: Any) -> str | None:
 # --- flask api-keys ------------------------------------------------------------------
 
 api_keys_cli = AppGroup("api-keys", help="API keys for /api: create, list, revoke.")
+#: The largest quota and key id: the columns are 32-bit integers in PostgreSQL.
+MAX_QUOTA = MAX_ID = 2**31 - 1
+
+
+def _database_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """A database that cannot be read (not migrated, down) is one line and exit 1, not a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except SQLAlchemyError as exc:
+            db.session.rollback()
+            raise click.ClickException(
+                f"the api_key table cannot be read ({type(exc).__name__}; run `flask db upgrade`?)"
+            ) from None
+
+    return run
 
 
 def _describe(value: int | None, default_key: str) -> str:
@@ -272,10 +294,14 @@ def _when(value: datetime | None) -> str:
 @click.argument("name")
 @click.option("--tenant", help="Whose account the key's calls are on (the calls' tenant).")
 @click.option(
-    "--rpm", type=click.IntRange(min=0), help="Requests per minute (default API_DEFAULT_RPM; 0: none)."
+    "--rpm",
+    type=click.IntRange(0, MAX_QUOTA),
+    help="Requests per minute (default API_DEFAULT_RPM; 0: none).",
 )
 @click.option(
-    "--tpm", type=click.IntRange(min=0), help="Tokens per minute (default API_DEFAULT_TPM; 0: none)."
+    "--tpm",
+    type=click.IntRange(0, MAX_QUOTA),
+    help="Tokens per minute (default API_DEFAULT_TPM; 0: none).",
 )
 @click.option(
     "--expires",
@@ -283,6 +309,7 @@ def _when(value: datetime | None) -> str:
     help="When the key stops working, in UTC (a date alone: its midnight).",
 )
 @click.option("--admin", is_flag=True, help="The key sees every user's usage on GET /api/usage.")
+@_database_errors
 def create_command(
     name: str, tenant: str | None, rpm: int | None, tpm: int | None, expires: datetime | None, admin: bool
 ) -> None:
@@ -306,6 +333,7 @@ def create_command(
 
 
 @api_keys_cli.command("list")
+@_database_errors
 def list_command() -> None:
     """List the keys: id, name, tenant, quotas, dates and state (never the keys)."""
     from app.cli import _table
@@ -336,7 +364,8 @@ def list_command() -> None:
 
 
 @api_keys_cli.command("revoke")
-@click.argument("key_id", type=int)
+@click.argument("key_id", type=click.IntRange(1, MAX_ID))
+@_database_errors
 def revoke_command(key_id: int) -> None:
     """Revoke the key KEY_ID (see `flask api-keys list`): its next request gets 401."""
     try:

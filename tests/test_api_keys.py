@@ -98,6 +98,32 @@ def test_a_revoked_key_gets_401(keyed_app, upstream):
     assert "no API key has the id 99" in unknown.output
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["create", "alice", "--rpm", "99999999999999999999"],  # an OverflowError in the driver before
+        ["create", "alice", "--tpm", "2147483648"],
+        ["revoke", "99999999999999999999"],
+        ["revoke", "0"],
+    ],
+)
+def test_numbers_the_columns_cannot_hold_are_refused_by_click(keyed_app, args):
+    result = cli(keyed_app, *args)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value" in result.output and "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("args", [["create", "alice"], ["list"], ["revoke", "1"]])
+def test_an_unmigrated_database_is_one_line_not_a_traceback(make_app, args):
+    result = cli(make_app(), *args)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.output.strip().splitlines() == [
+        "Error: the api_key table cannot be read (OperationalError; run `flask db upgrade`?)"
+    ]
+
+
 def test_the_database_file_holds_no_key_in_clear(keyed_app):
     keys = [create_key(keyed_app, f"user-{n}", "--tenant", "acme") for n in range(3)]
     with keyed_app.app_context():
