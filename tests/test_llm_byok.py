@@ -521,23 +521,25 @@ def test_a_callers_key_never_reaches_a_fallback_of_another_provider(app, upstrea
 # --- breakers: a tenant's quota is not the provider's health ----------------------------------------
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["chat", "stream"])
-def test_a_tenants_own_429s_do_not_open_the_breaker_every_tenant_shares(make_app, upstream, stream):
+@pytest.mark.parametrize("kind", ["chat", "achat", "stream"])
+def test_a_tenants_own_429s_do_not_open_the_breaker_every_tenant_shares(make_app, upstream, kind):
     from app.llm import LLMCircuitOpenError, LLMRateLimitError
 
     # Two calls in the window are enough to judge; no retries, so each call is one 429.
     app = make_app({**settings(upstream), "LLM_BREAKER_MIN_CALLS": 2, "LLM_MAX_RETRIES": 0})
     busy = Reply(429, openai_error("You exceeded your current quota", "insufficient_quota", None))
     answer: Any = chat_completion("platform answer")
-    if stream:
+    if kind == "stream":
         answer = Reply.stream([openai_text_stream("platform ", "answer")])
     upstream.script(CHAT, busy, busy, busy, busy, answer, busy)
 
     def call(key: str | None) -> str:
         llm = get_llm()
-        if stream:
+        if kind == "stream":
             with llm.chat_stream(USER, model="openai/gpt-4o", api_key=key) as deltas:
                 return "".join(deltas)
+        if kind == "achat":
+            return asyncio.run(llm.achat(USER, model="openai/gpt-4o", api_key=key)).content or ""
         return llm.chat(USER, model="openai/gpt-4o", api_key=key).content or ""
 
     with app.app_context():
