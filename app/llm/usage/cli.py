@@ -26,7 +26,6 @@ from app.services.db_service import db
 
 __all__ = ["budgets_command", "usage_command"]
 
-#: Days a report covers when ``--from`` is not given.
 _DATE = click.DateTime(formats=["%Y-%m-%d"])
 
 
