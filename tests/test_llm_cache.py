@@ -687,6 +687,24 @@ def test_without_redis_at_start_every_call_is_a_miss_and_none_fails(make_app, up
     assert len(upstream.requests) == 5
 
 
+def test_a_disk_store_that_fails_makes_every_call_a_miss_and_logs_once(make_app, upstream, tmp_path, caplog):
+    """Its folder cannot be made (a file stands there: a full or read-only disk fails the same way,
+    with an OSError or an SQLite error): every read, write and lock fails, and calls go on uncached."""
+    blocked = tmp_path / "llm-cache"
+    blocked.write_text("not a folder")
+    app = make_app(OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=upstream.url_for("/v1"), LLM_CACHE="disk",
+                   LLM_CACHE_DIR=str(blocked))  # fmt: skip
+    script(upstream, "chat")
+    script(upstream, "chat")
+    script(upstream, "chat")
+    with app.app_context():
+        assert [run("chat").cached for _ in range(3)] == [False] * 3
+    assert len(upstream.requests) == 3
+    warnings = [r.getMessage() for r in caplog.records if "LLM response cache (disk)" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "failed (" in warnings[0] and "calls go on uncached" in warnings[0]
+
+
 # --- the README ---------------------------------------------------------------------------------------
 
 
