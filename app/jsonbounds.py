@@ -25,18 +25,6 @@ _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
-def nesting_depth(text: str) -> int:
-    """The deepest nesting of arrays and objects in ``text`` (0 for a scalar); strings are skipped.
-
-    Meant for a bound, not for validation: for text that is not valid JSON
-    the answer is an upper bound of what a parser would reach.
-    """
-    if text.count("[") + text.count("{") <= 1:  # the usual small body: nothing to measure
-        return 1 if ("[" in text or "{" in text) else 0
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
-
-
 def too_deep(text: str, limit: int) -> bool:
     """Whether ``text`` nests arrays and objects more than ``limit`` levels deep."""
     if text.count("[") + text.count("{") <= limit:  # cannot be deeper than its brackets
