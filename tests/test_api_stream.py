@@ -257,6 +257,17 @@ def test_streamed_structured_output_is_parsed_in_the_done_event(stream_app, upst
     assert upstream.only_request().json["response_format"]["type"] == "json_schema"
 
 
+def test_a_stream_sends_the_generation_parameters_too(stream_app, upstream):
+    upstream.script(CHAT_PATH, answer("ok"))
+    options = {"top_p": 0.5, "stop": ["END"], "seed": 3, "frequency_penalty": 0.1}
+
+    response = post_stream(stream_app, {"messages": MESSAGES, "model": "openai/gpt-4o", **options})
+
+    assert [name for name, _ in sse_events(body_lines(response))] == ["delta", "done"]
+    sent = upstream.only_request().json
+    assert {name: sent.get(name) for name in options} == options
+
+
 def test_upstream_breaking_mid_stream_is_an_error_event(stream_app, upstream):
     upstream.script(CHAT_PATH, CUT_AFTER_FIRST_DELTA)
 
