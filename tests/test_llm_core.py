@@ -753,6 +753,26 @@ def test_a_model_without_a_provider_is_a_bad_request(address):
         split_model(address)
 
 
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        # Each was a TypeError or AttributeError from inside the layer (found by a hypothesis run).
+        (lambda llm: llm.chat([USER], -1), "model"),
+        (lambda llm: llm.chat([USER], ["openai/gpt-4o"]), "model"),
+        (lambda llm: llm.chat([USER], b"openai/gpt-4o"), "model"),
+        (lambda llm: llm.chat([USER], "openai/gpt-4o", fallbacks=-1), "fallbacks"),
+        (lambda llm: llm.chat([USER], "openai/gpt-4o", fallbacks=[None]), "fallbacks"),
+        (lambda llm: llm.embed(-1, "openai/text-embedding-3-small"), "inputs"),
+        (lambda llm: llm.embed(b"text", "openai/text-embedding-3-small"), "inputs"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_bad_requests_naming_them(make_app, call, field):
+    app = make_app(OPENAI_API_KEY=CANARY_KEY, OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    with app.app_context(), pytest.raises(LLMBadRequestError) as caught:
+        call(get_llm())
+    assert caught.value.field == field
+
+
 def test_the_default_model_applies_when_model_is_omitted(make_app, keepalive_server):
     app = make_app(
         OPENAI_API_KEY=CANARY_KEY,

@@ -97,8 +97,17 @@ class CallOptions(TypedDict, total=False):
 _CALL_OPTIONS = frozenset(CallOptions.__annotations__)
 
 
+def _is_list(value: object) -> bool:
+    """A sequence of items, not a string (of characters) nor bytes."""
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray)
+
+
 def split_model(model: str, *, setting: str = "model") -> tuple[str, str]:
     """``"openrouter/meta-llama/llama-3-70b"`` -> ``("openrouter", "meta-llama/llama-3-70b")``."""
+    if not isinstance(model, str):
+        raise LLMBadRequestError(
+            f"{setting} must be 'provider/model', a string, got {type(model).__name__}", field=setting
+        )
     provider, sep, name = model.partition("/")
     if not sep or not provider or not name:
         raise LLMBadRequestError(
@@ -386,10 +395,11 @@ class LLM:
         address = model or self.default_model
         if not address:
             raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set", field="model")
+        split_model(address)  # a string of the right form, before it is looked up or named anywhere
         extra = fallbacks if fallbacks is not None else self.resilience.fallbacks.get(address, ())
         if not extra:
             return [address]
-        if isinstance(extra, str):
+        if not _is_list(extra) or not all(isinstance(name, str) for name in extra):
             raise LLMBadRequestError("fallbacks must be a list of 'provider/model' names", field="fallbacks")
         return list(dict.fromkeys([address, *extra]))  # each model at most once
 
@@ -540,7 +550,7 @@ class LLM:
         if not address:
             raise LLMBadRequestError("no model given and LLM_DEFAULT_MODEL is not set", field="model")
         provider_name, model_name = split_model(address)
-        if isinstance(inputs, str) or not inputs or not all(isinstance(i, str) for i in inputs):
+        if not _is_list(inputs) or not inputs or not all(isinstance(i, str) for i in inputs):
             raise LLMBadRequestError(
                 "inputs must be a non-empty list of strings",
                 field="inputs",
